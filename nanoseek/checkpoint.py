@@ -1,0 +1,264 @@
+"""Hugging Face model directories in and out: config.json + safetensors (+ index when sharded).
+
+The in-memory state dict already uses HF names; the on-disk form differs in four places only:
+  * routed experts: stacked `mlp.experts.gate_up_proj` (E, 2I, H) / `down_proj` (E, H, I) in memory,
+    per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` on disk (what DeepSeek and `transformers` write;
+    the fused keys are accepted on load too);
+  * MTP module k (`mtp.{k}.*`) is written as layer `model.layers.{L + k}.*`, with copies of the shared
+    `embed_tokens.weight` and `shared_head.head.weight`, as DeepSeek-V3's released checkpoint does;
+  * GPT-2's four projections are Conv1D on disk (weight transposed: (in, out));
+  * a tied lm_head is not written.
+
+Writes are atomic: everything goes into a temporary sibling directory that is renamed into place, so a
+crash leaves the old checkpoint or the new one, never half of one. Only safetensors are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_IGNORED = re.compile(r"\.attn\.(bias|masked_bias)$")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+# Files a checkpoint directory may hold; anything else makes save refuse to replace the directory.
+OWNED = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                   r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
+                   r"special_tokens_map\.json|trainer_state|metrics\.jsonl|README\.md|.*\.png)$")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+# ---------------------------------------------------------------------------------------------- mapping
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The on-disk (HF) state dict of a nanoseek Model: contiguous tensors sharing no storage."""
+    cfg: ModelConfig = model.config
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    sd = model.state_dict()
+    embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
+    for key, t in sd.items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if key.startswith("mtp."):
+            k, rest = key[4:].split(".", 1)
+            key = f"model.layers.{L + int(k)}.{rest}"
+        if key.endswith("mlp.experts.gate_up_proj"):
+            prefix, inter = key[: -len("gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter].clone()
+                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:].clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            prefix = key[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e].clone()
+        elif cfg.model_type == "gpt2" and key.endswith(GPT2_CONV1D):
+            out[key] = t.t().contiguous()
+        else:
+            out[key] = t.detach().clone().contiguous()
+    for k in range(cfg.num_nextn_predict_layers if cfg.model_type == "deepseek_v3" else 0):
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = sd[embed_key].clone()
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    return out
+
+
+def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an on-disk (HF) state dict to nanoseek's in-memory keys. Raises ValueError on foreign keys."""
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in hf.items():
+        if cfg.model_type == "gpt2":
+            if GPT2_IGNORED.search(key):
+                continue
+            out[key] = t.t() if key.endswith(GPT2_CONV1D) else t
+            continue
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+        if m and int(m.group(1)) >= L:
+            k, rest = int(m.group(1)) - L, m.group(2)
+            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue  # copies of the shared embedding / head
+            key = f"mtp.{k}.{rest}"
+        e = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+        if e:
+            experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = t
+            continue
+        out[key] = t
+    for prefix, per_expert in experts.items():
+        n = cfg.n_routed_experts
+        if sorted(per_expert) != list(range(n)) or any(len(p) != 3 for p in per_expert.values()):
+            raise ValueError(f"{prefix}: expected gate/up/down weights for experts 0..{n - 1}, "
+                             f"found experts {sorted(per_expert)}")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[i]["gate_proj"], per_expert[i]["up_proj"]], dim=0) for i in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([per_expert[i]["down_proj"] for i in range(n)])
+    embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
+    if cfg.tie_word_embeddings and embed_key in out:
+        out["lm_head.weight"] = out[embed_key]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded with an index)."""
+    if (path / INDEX).exists():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path / INDEX}: malformed index ({e})") from None
+    elif (path / WEIGHTS).exists():
+        files = [WEIGHTS]
+    else:
+        pickles = [f for f in PICKLE_FILES if (path / f).exists()]
+        if pickles:
+            raise ValueError(f"{path}: found {pickles[0]} but no {WEIGHTS}; nanoseek only loads safetensors "
+                             "(pickle files can run code). Convert it with transformers' save_pretrained.")
+        raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        f = path / name
+        if not f.exists():
+            raise FileNotFoundError(f"{path}: shard {name} named in the index is missing")
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for k, t in sd.items():
+        n = t.numel() * t.element_size()
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = t, size + n
+    return shards + [cur]
+
+
+def write_weights(sd: dict[str, torch.Tensor], path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    shards = _shards(sd, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(sd, str(path / WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Run fill(tmp_dir), then move tmp_dir to `path` (replacing an older checkpoint there)."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory")
+        foreign = sorted(p.name for p in path.iterdir() if not OWNED.match(p.name))
+        if foreign:
+            raise ValueError(f"refusing to replace {path}: it holds files that are not part of a checkpoint "
+                             f"({', '.join(foreign[:5])}); choose another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in [*path.iterdir(), path] if path.is_dir() else [path]:
+        if f.is_file() or f == path:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- API
+def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer=None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` as a HF model directory. `extra(tmp_dir)` may add files (e.g. trainer state) before
+    the directory is renamed into place; `tokenizer` (anything with `.save(dir)`) is saved beside it."""
+    cfg: ModelConfig = model.config
+    sd = to_hf_state_dict(model)
+    if dtype is not None:
+        sd = {k: (t if k.endswith("e_score_correction_bias") else t.to(dtype)) for k, t in sd.items()}
+
+    def fill(tmp: Path):
+        hf = cfg.to_hf_dict()
+        hf["dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_weights(sd, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
+
+    return atomic_directory(path, fill)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Build a Model from a HF directory written by nanoseek or `transformers` (safetensors only)."""
+    from .model import Model
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.load(path)
+    sd = from_hf_state_dict(cfg, read_safetensors_dir(path))
+    model = Model(cfg, device="meta")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match config.json: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, config.json implies {tuple(expected[k].shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: {k} contains NaN or infinite values")
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    for moe in model.moe_layers():  # the routing bias is fp32 whatever the file holds
+        moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model

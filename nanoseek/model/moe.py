@@ -1,0 +1,165 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts with a sigmoid gate (V3 report section 2.1.2).
+
+Routing, for token t with hidden h_t (all in fp32):
+    s_t        = sigmoid(h_t @ gate.weight^T)                                  (E,)
+    choice     = s_t + e_score_correction_bias      (the bias changes *selection* only)
+    group score= sum of the top-2 `choice` values in each of n_group groups; keep topk_group groups,
+                 mask the others with -inf (never 0: a masked expert must never win)
+    top-k      = argtopk(choice) among kept groups
+    weights    = s_t[top-k] (unbiased), / sum when norm_topk_prob, * routed_scaling_factor
+No token is dropped: every token reaches its k experts.
+
+Routed experts are stacked weights (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), HF's in-memory layout)
+run by `grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
+every expert's rows (`torch._grouped_mm`; a padded batched matmul where that kernel is unavailable). There
+is no Python loop over experts. On disk the experts are per-expert HF keys (see checkpoint.py).
+
+Balancing: the forward returns the per-expert load (token count) of the step as data; the model applies the
+auxiliary-loss-free update `b_i += gamma * sign(mean_load - load_i)` from it. The balance loss is either the
+complementary sequence-wise loss (aux_free) L = alpha * sum_i f_i P_i per sequence, or the classic batch-wise
+switch-transformer loss on softmax probabilities (aux_loss), or nothing (none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import SwiGLU, activation
+
+
+def _native_grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    # CUDA kernel: bf16 on sm90+, rows 16-byte aligned
+    aligned = x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+    return x.is_cuda and x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability()[0] >= 9
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group times each group's matrix.
+
+    x (M, K) with rows of group e in [offs[e-1], offs[e]); w (E, K, N); offs (E,) int32 cumulative ends.
+    Returns (M, N). This is the one grouped-matmul entry point that FP8 and LoRA extend.
+    """
+    if _native_grouped_ok(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    return _padded_grouped_mm(x, w, offs)
+
+
+def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Fallback: scatter rows into an (E, C, K) buffer (C = largest group), one bmm, gather back."""
+    E = w.shape[0]
+    offs = offs.long()
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    group = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # (M,)
+    slot = torch.arange(x.shape[0], device=x.device) - (offs - counts)[group]  # row within its group
+    C = int(counts.max()) if x.shape[0] else 0
+    buf = x.new_zeros(E, C, x.shape[1])
+    buf[group, slot] = x
+    return torch.bmm(buf, w)[group, slot]
+
+
+class Gate(nn.Module):
+    """The router (HF `mlp.gate`): weight (E, H), fp32 bias buffer `e_score_correction_bias` (E,)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        """Moves/casts like any module, except that the routing bias stays fp32 (0.001 steps need it)."""
+        bias = self._buffers.pop("e_score_correction_bias")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(bias)
+            if moved.dtype != torch.float32:
+                moved = bias.to(device=moved.device, dtype=torch.float32)
+            self._buffers["e_score_correction_bias"] = moved
+        return self
+
+    def forward(self, x: torch.Tensor):
+        """x (N, H) -> logits (N, E) fp32, scores (N, E) fp32, top-k indices (N, K), weights (N, K) fp32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        N, E, G = choice.shape[0], self.n_experts, self.n_group
+        group_scores = choice.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # (N, G)
+        keep = group_scores.topk(self.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(E // G, dim=1), float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return logits, scores, idx, weights * self.scaling
+
+
+class Experts(nn.Module):
+    """Stacked routed experts (HF `mlp.experts`): gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""
+        N, K = idx.shape
+        flat = idx.flatten()  # (N*K,) expert of each token copy
+        order = flat.argsort(stable=True)
+        token = order // K  # source token of each sorted copy
+        offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+        h = grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs)  # (N*K, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N*K, H)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros(N, x.shape[1], device=x.device, dtype=y.dtype).index_add_(0, token, y).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        if cfg.n_shared_experts:
+            self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                         cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, want_loss: bool = False):
+        """x (B, T, H) -> y (B, T, H), load (E,) token counts, balance loss (scalar or None)."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        logits, scores, idx, weights = self.gate(flat)
+        y = self.experts(flat, idx, weights).view(B, T, H)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(x)
+        load = torch.bincount(idx.flatten(), minlength=self.gate.n_experts).detach()
+        loss = self.balance_loss(logits, scores, idx, B, T) if want_loss else None
+        return y, load, loss
+
+    def balance_loss(self, logits, scores, idx, B, T):
+        mode, alpha = self.cfg.router_balance, self.cfg.aux_loss_alpha
+        if mode == "none" or alpha == 0:
+            return None
+        E, K = self.gate.n_experts, self.gate.top_k
+        chosen = torch.zeros_like(scores).scatter_(1, idx, 1.0)  # (N, E) 1[i in topk(t)]
+        if mode == "aux_free":  # complementary sequence-wise loss, averaged over sequences
+            f = chosen.view(B, T, E).sum(1) * (E / (K * T))  # (B, E)
+            p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
+            return alpha * (f * p).sum(-1).mean()
+        f = chosen.mean(0) * (E / K)  # batch-wise switch-transformer loss
+        p = logits.softmax(-1).mean(0)
+        return alpha * (f * p).sum()
