@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -242,6 +243,11 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = None, 
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.load(path)
     sd = from_hf_state_dict(cfg, read_safetensors_dir(path))
+    if cfg.model_type == "deepseek_v3" and cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in sd):
+        # transformers writes num_mtp_layers=1 by default but saves no MTP weights: load the model without MTP
+        warnings.warn(f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has no MTP weights; loading without MTP", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     model = Model(cfg, device="meta")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))

@@ -272,6 +272,12 @@ class ModelConfig:
             rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
             kw["rope_parameters"] = rope
         kw["model_type"] = model_type
+        kw["num_key_value_heads"] = None  # MLA and our MHA have no GQA; transformers may write any value here
+        for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):  # transformers' defaults may not fit
+            if isinstance(kw.get(tok), list):
+                kw[tok] = kw[tok][0] if kw[tok] else None
+            if kw.get(tok) is not None and not 0 <= kw[tok] < kw.get("vocab_size", cls.vocab_size):
+                kw[tok] = None
         kw.update({k: v for k, v in (d.get("nanoseek") or {}).items() if k in NANOSEEK_KEYS})
         return cls(**kw)
 
