@@ -131,7 +131,7 @@ class ModelConfig:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
-        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
             bad("q_lora_rank", "must be None (plain q_proj) or a positive integer")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
@@ -148,8 +148,17 @@ class ModelConfig:
             bad("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
+        for name in ("mtp_loss_weight", "aux_loss_alpha"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
         if not self.has_moe:
             return
+        for name in ("n_routed_experts", "moe_intermediate_size", "n_shared_experts", "num_experts_per_tok",
+                     "n_group", "topk_group"):
+            if not isinstance(getattr(self, name), int):
+                bad(name, "must be an integer")
+        if self.routed_scaling_factor <= 0:
+            bad("routed_scaling_factor", "must be > 0")
         if self.n_routed_experts < 2:
             bad("n_routed_experts", "a MoE layer needs at least 2 routed experts")
         if self.moe_intermediate_size < 1:

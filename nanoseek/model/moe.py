@@ -33,11 +33,12 @@ from .layers import SwiGLU, activation
 def _native_grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
+    # both kernels need 16-byte aligned rows: K and N a multiple of 4 (fp32) or 8 (bf16) elements
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
-    # CUDA kernel: bf16 on sm90+, rows 16-byte aligned
-    aligned = x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
-    return x.is_cuda and x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability()[0] >= 9
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9  # sm90+
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

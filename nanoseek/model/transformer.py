@@ -225,7 +225,7 @@ class Model(nn.Module):
         if not want_loss:
             return ModelOutput(logits=logits, expert_load=self._stack_loads(loads)) if return_output else logits
 
-        main_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        main_loss = cross_entropy(logits, targets)
         loss, mtp_loss = main_loss, None
         if self.config.model_type == "deepseek_v3" and len(self.mtp) and self.config.mtp_loss_weight > 0:
             mtp_loss = self._mtp_loss(input_ids, targets, hidden, positions, loads, bal)
@@ -281,7 +281,7 @@ class Model(nn.Module):
             h, load, loss = layer(x, m.rotary, cos, sin, want_loss=True)
             self._collect(load, loss, loads, bal)
             logits = self.lm_head(layer.shared_head.norm(h))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX))
+            losses.append(cross_entropy(logits, tgt))
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------ balancing
@@ -322,25 +322,42 @@ class Model(nn.Module):
         if T + max_new_tokens > limit:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings={limit}")
+        check_sampling(temperature, top_k, top_p)
         was_training = self.training
         self.eval()
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-        cache = self.make_cache(B, T + max_new_tokens)
-        logits = self(input_ids, cache=cache)[:, -1]
-        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
-                break
-            logits = self(nxt[:, None], cache=cache)[:, -1]
-        self.train(was_training)
+        try:
+            gen = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
+            cache = self.make_cache(B, T + max_new_tokens)
+            logits = self(input_ids, cache=cache)[:, -1]
+            out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            for i in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                    done |= nxt == eos_token_id
+                out.append(nxt[:, None])
+                if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+                    break
+                logits = self(nxt[:, None], cache=cache)[:, -1]
+        finally:
+            self.train(was_training)
         return torch.cat(out, dim=1)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE over targets != -100 (fp32); 0, not NaN, when a batch has no target at all."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be None or >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be None or in (0, 1]")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
