@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .mup import output_multiplier
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -69,9 +70,12 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
             out[key] = t.t().contiguous()
         else:
             out[key] = t.detach().clone().contiguous()
+    mult = output_multiplier(cfg)
+    if mult != 1.0:  # muP: fold the readout multiplier so that the file is a standard model
+        out["lm_head.weight"] = sd["lm_head.weight"] * mult
     for k in range(cfg.num_nextn_predict_layers if cfg.model_type == "deepseek_v3" else 0):
         out[f"model.layers.{L + k}.embed_tokens.weight"] = sd[embed_key].clone()
-        out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"] * mult
     return out
 
 
@@ -108,6 +112,8 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
     embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
     if cfg.tie_word_embeddings and embed_key in out:
         out["lm_head.weight"] = out[embed_key]
+    elif output_multiplier(cfg) != 1.0 and "lm_head.weight" in out:  # unfold muP's readout multiplier
+        out["lm_head.weight"] = out["lm_head.weight"] / output_multiplier(cfg)
     return out
 
 

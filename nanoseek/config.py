@@ -245,6 +245,10 @@ class ModelConfig:
             out = {"architectures": ["DeepseekV3ForCausalLM"], **{k: v for k, v in d.items() if k not in skip}}
             out["num_key_value_heads"] = self.num_attention_heads
             out["num_mtp_layers"] = self.num_nextn_predict_layers
+        if self.mup_base_width is not None and self.tie_word_embeddings:
+            # muP's 1/m readout multiplier is folded into a separate lm_head on disk (see mup.py)
+            out["tie_word_embeddings"] = False
+            extras["mup_tied_readout"] = True
         out["nanoseek"] = extras
         return out
 
@@ -287,7 +291,10 @@ class ModelConfig:
                 kw[tok] = kw[tok][0] if kw[tok] else None
             if kw.get(tok) is not None and not 0 <= kw[tok] < kw.get("vocab_size", cls.vocab_size):
                 kw[tok] = None
-        kw.update({k: v for k, v in (d.get("nanoseek") or {}).items() if k in NANOSEEK_KEYS})
+        extras = d.get("nanoseek") or {}
+        kw.update({k: v for k, v in extras.items() if k in NANOSEEK_KEYS})
+        if extras.get("mup_tied_readout"):
+            kw["tie_word_embeddings"] = True
         return cls(**kw)
 
     def save(self, path: str | Path) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..mup import output_multiplier, rescale_init
 from .attention import MLA, GPT2Attention, KVCache
 from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU
 from .moe import MoE
@@ -178,7 +179,8 @@ class Model(nn.Module):
         | biases                                       | 0                                      |
         | norm weights (RMSNorm, LayerNorm)            | 1 (LayerNorm bias 0)                   |
         | e_score_correction_bias                      | 0 (fp32 buffer, not trained)           |
-        std = config.initializer_range (0.006 for DeepSeek-V3, 0.02 for GPT-2). muP overrides live in mup.py.
+        std = config.initializer_range (0.006 for DeepSeek-V3, 0.02 for GPT-2). Under muP, mup.rescale_init then
+        divides each hidden matrix by sqrt(m_in) (see the table in mup.py).
         """
         cfg, std = self.config, self.config.initializer_range
         resid_std = std / (2 * cfg.num_hidden_layers) ** 0.5
@@ -200,6 +202,8 @@ class Model(nn.Module):
                 nn.init.normal_(m.experts.gate_up_proj, 0.0, std)
                 nn.init.normal_(m.experts.down_proj, 0.0, std)
         self.tie_weights()
+        if cfg.mup_base_width is not None:
+            rescale_init(self)
         self.expert_load_accum = None
 
     # ------------------------------------------------------------------ forward
@@ -221,7 +225,7 @@ class Model(nn.Module):
         if cache is not None:
             cache.end()
         final = self.transformer.ln_f(hidden) if self.config.model_type == "gpt2" else self.model.norm(hidden)
-        logits = self.lm_head(final)
+        logits = self.readout(final)
         if not want_loss:
             return ModelOutput(logits=logits, expert_load=self._stack_loads(loads)) if return_output else logits
 
@@ -280,9 +284,14 @@ class Model(nn.Module):
             x = layer.eh_proj(torch.cat([layer.enorm(m.embed_tokens(shifted)), layer.hnorm(h)], dim=-1))
             h, load, loss = layer(x, m.rotary, cos, sin, want_loss=True)
             self._collect(load, loss, loads, bal)
-            logits = self.lm_head(layer.shared_head.norm(h))
+            logits = self.readout(layer.shared_head.norm(h))
             losses.append(cross_entropy(logits, tgt))
         return torch.stack(losses).mean()
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> logits (..., V); muP's 1/m output multiplier acts here (1 under SP)."""
+        mult = output_multiplier(self.config)
+        return self.lm_head(h if mult == 1.0 else h * mult)
 
     # ------------------------------------------------------------------ balancing
     @torch.no_grad()
