@@ -107,7 +107,7 @@ def _coord_scales(make, widths, steps=4, lr=1e-2, seed=0):
         seen = {}
         block = model.transformer.h[-1] if model.config.model_type == "gpt2" else model.model.layers[-1]
 
-        def grab(module, inputs, output):
+        def grab(module, inputs, output, seen=seen):
             seen["h"] = output[0] if isinstance(output, tuple) else output
 
         hook = block.register_forward_hook(grab)
