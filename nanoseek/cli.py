@@ -31,6 +31,61 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _batches(preset_cfg: ModelConfig, data: str, n: int, batch_size: int, seq_len: int, seed: int):
+    """n (x, y) batches: random tokens, or packed windows of the built-in/user corpus."""
+    import torch
+
+    if data == "random":
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            x = torch.randint(0, preset_cfg.vocab_size, (batch_size, seq_len + 1), generator=g)
+            out.append((x[:, :-1], x[:, 1:]))
+        return out
+    from .data import PackedLoader, get_or_train_tokenizer, load_corpus, tokenize_corpus
+
+    corpus = load_corpus(None if data == "stdlib" else data)
+    tok = get_or_train_tokenizer(corpus, preset_cfg.vocab_size)
+    loader = PackedLoader(tokenize_corpus(corpus, tok, "train"), seq_len, batch_size, seed=seed)
+    return [loader.next_batch() for _ in range(n)]
+
+
+def _coord_check(args: argparse.Namespace) -> int:
+    from . import coord_check
+
+    base = ModelConfig.from_preset(args.preset)
+    if args.seq_len > base.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings {base.max_position_embeddings}")
+    batches = _batches(base, args.data, args.steps, args.batch_size, args.seq_len, args.seed)
+    params = tuple(p for p in args.params.split(",") if p)
+    if not set(params) <= {"sp", "mup"}:
+        raise ValueError(f"--params takes sp and/or mup, got {args.params!r}")
+    done = [0]
+
+    def progress(param, width):
+        done[0] += 1
+        print(f"  [{done[0]}/{len(params) * len(args.widths)}] {param} width {width}", flush=True)
+
+    print(f"coordinate check: {args.preset} at widths {args.widths} (muP base width {base.hidden_size}), "
+          f"{args.steps} AdamW steps at lr {args.lr}")
+    records = coord_check.coord_check(base, args.widths, batches, lr=args.lr, parametrizations=params,
+                                      seed=args.seed, progress=progress)
+    summary = coord_check.save(records, args.out)
+    print(f"growth from width {min(args.widths)} to {max(args.widths)} (max over steps of wide/narrow):")
+    for p, kinds in summary.items():
+        print(f"  {p:4s} " + "  ".join(f"{k} {v:.2f}x" for k, v in kinds.items()))
+    print(f"wrote {args.out}/coord_check.png and coord_check.json")
+    print(json.dumps({"coord_check_growth": summary}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context length for the attention FLOPs (default: min(max_position_embeddings, 4096))")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("coord-check", help="muP coordinate check: activation scale vs width, SP and muP",
+                       description="Build the preset at several widths (its own width is the muP base), take a "
+                                   "few AdamW steps, and plot the mean |activation| of each layer type against "
+                                   "width for the standard parametrization and muP (PNG + JSON).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="dsv3-tiny", help="base model (default dsv3-tiny)")
+    p.add_argument("--widths", type=_int_list, default=[64, 128, 256, 512], help="comma-separated hidden sizes")
+    p.add_argument("--steps", type=int, default=4, help="AdamW steps (one batch each)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (muP scales it per layer)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--data", default="stdlib", help="'stdlib' (built-in corpus), 'random' tokens, or a corpus path")
+    p.add_argument("--params", default="sp,mup", help="parametrizations to compare: sp,mup")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/coord_check", help="output directory")
+    p.set_defaults(func=_coord_check)
     if importlib.util.find_spec("nanoseek.train.commands") is not None:
         from .train.commands import add_commands
 

@@ -127,3 +127,18 @@ def test_coordinate_check_flat_under_mup_grows_under_sp(make):
     sp_growth = sp_scales[-1][1] / sp_scales[0][1]
     assert mup_growth < 2.0, mup_scales
     assert sp_growth > 2 * mup_growth, (sp_scales, mup_scales)
+
+
+def test_coord_check_command_writes_plot_and_json(tmp_path, capsys):
+    import json
+
+    from nanoseek.cli import main
+
+    rc = main(["coord-check", "--preset", "gpt2-tiny", "--widths", "32,64,128", "--steps", "2", "--data", "random",
+               "--batch-size", "4", "--seq-len", "16", "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["coord_check_growth"]
+    assert set(summary) == {"sp", "mup"} and summary["sp"]["block"] > summary["mup"]["block"]
+    data = json.loads((tmp_path / "coord_check.json").read_text())
+    assert len(data["records"]) == 2 * 3 * 2
+    assert (tmp_path / "coord_check.png").stat().st_size > 10_000
