@@ -1,0 +1,75 @@
+"""AdamW with two parameter groups, and learning-rate schedules as pure functions of the step.
+
+What. `configure_optimizer` puts every trainable parameter (tied weights counted once) into exactly one of
+two groups: "decay" (ndim >= 2: matrices, stacked experts, embeddings) and "no_decay" (norms, biases, other
+1-D tensors). Each group carries `lr_scale` (1.0 here; muP sets per-group factors), and `set_lr` gives each
+group `base_lr * lr_scale`. `lr_at(step, ...)` is linear warmup then cosine to `min_lr_ratio * lr`, or
+warmup-stable-decay (WSD: flat at `lr`, then linear to `min_lr_ratio * lr` over the last `decay_frac`).
+
+Why. A schedule that is a pure function of the step makes resume trivial (no scheduler state to save) and
+is easy to plot and test. Grouping by ndim is nanoGPT's rule and matches DeepSeek-V3 (no decay on norms).
+
+Rejected: torch.optim.lr_scheduler (stateful, and it composes badly with per-group muP scales); grouping by
+parameter name (breaks whenever a module is renamed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cosine", "wsd")
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
+                        betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters in two groups (decay / no_decay), each with `lr_scale`."""
+    seen: dict[int, tuple[str, nn.Parameter]] = {}  # id -> (first name, param): tied weights appear once
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad and id(p) not in seen:
+            seen[id(p)] = (name, p)
+    decay = [p for _, p in seen.values() if p.dim() >= 2]
+    no_decay = [p for _, p in seen.values() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
+    ]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(seen) and len(set(grouped)) == len(grouped), \
+        "every trainable parameter must sit in exactly one optimizer group"
+    fused = len(seen) > 0 and all(p.is_cuda for _, p in seen.values())
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    set_lr(opt, lr)
+    return opt
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give each group `lr * group["lr_scale"]` (muP's per-group factors ride on the base schedule)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+          schedule: str = "cosine", decay_frac: float = 0.2) -> float:
+    """Base learning rate of optimizer step `step` (0-based; step 0 is the first update).
+
+    cosine: lr * (step+1)/warmup during warmup, then cosine from lr to min_lr_ratio*lr at max_steps - 1.
+    wsd:    the same warmup, flat at lr, then linear to min_lr_ratio*lr over the last decay_frac of steps.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    min_lr = lr * min_lr_ratio
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        span = max(1, max_steps - 1 - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+    decay_steps = max(1, round(decay_frac * max_steps))
+    decay_start = max(warmup_steps, max_steps - decay_steps)
+    if step < decay_start:
+        return lr
+    t = min(1.0, (step - decay_start + 1) / max(1, max_steps - decay_start))
+    return lr + (min_lr - lr) * t

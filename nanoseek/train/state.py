@@ -1,0 +1,134 @@
+"""Training checkpoints: a HF model directory plus `trainer_state/`, written atomically; exact resume.
+
+Layout of out_dir/checkpoints/step-{N:07d}/ (one atomic rename, see checkpoint.atomic_directory):
+    config.json, model.safetensors, tokenizer.json ...   the model, loadable by transformers
+    trainer_state/optimizer.pt     optimizer.state_dict() (tensors + plain types; loaded weights_only=True)
+    trainer_state/rng.pt           python / numpy / torch CPU / CUDA RNG states (weights_only-loadable)
+    trainer_state/state.json       step, loader state, metrics.jsonl byte offset, TrainConfig, world size
+
+Why this shape: a checkpoint directory is what inference tools already read; the training-only state sits
+in a subfolder that nothing else needs. Resume rebuilds the model exactly as a fresh run does and copies the
+saved tensors into it with load_state_dict (so optimizer state binds to the same Parameter objects), which
+keeps every later loss bit-identical on CPU. Rejected: one pickled dict (no `weights_only` load; not an HF
+directory); saving the LR scheduler (the schedule is a pure function of the step).
+
+Test hook: NANOSEEK_TEST_SLOW_SAVE=<seconds> sleeps inside the write, before the rename, so a test can kill
+the process mid-checkpoint and check that the previous checkpoint survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import from_hf_state_dict, read_safetensors_dir
+
+STEP_DIR = re.compile(r"^step-(\d{7})$")
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    """out_dir/checkpoints/step-{step:07d}."""
+    return Path(out_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (they hold trainer_state/state.json) in step order. Temp dirs are ignored."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "trainer_state" / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def remove_stale_temps(out_dir: str | Path) -> list[Path]:
+    """Delete `.step-*.tmp-*` / `.old-*` directories left by a process killed mid-save; returns them."""
+    root = Path(out_dir) / "checkpoints"
+    stale = [p for p in root.glob(".step-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path:
+    """'latest' -> newest complete checkpoint in out_dir; otherwise the given checkpoint path."""
+    if resume == "latest":
+        ckpts = list_checkpoints(out_dir)
+        if not ckpts:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {Path(out_dir) / 'checkpoints'}")
+        return ckpts[-1]
+    path = Path(resume)
+    if not (path / "trainer_state" / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {path}: not a training checkpoint (no trainer_state/state.json)")
+    return path
+
+
+def rng_state() -> dict:
+    """All RNG states, as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": repr(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    import ast
+
+    py = ast.literal_eval(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, step: int, optimizer, state: dict,
+                    rng: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-{step:07d} atomically, then delete all but the newest `keep_last`."""
+    def write_trainer_state(tmp: Path) -> None:
+        d = tmp / "trainer_state"
+        d.mkdir()
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        torch.save(rng, d / "rng.pt")
+        slow = float(os.environ.get("NANOSEEK_TEST_SLOW_SAVE", "0") or 0)
+        if slow > 0:  # test hook: widen the window in which a kill lands mid-write
+            time.sleep(slow)
+        (d / "state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks "complete"
+
+    path = model.save_pretrained(checkpoint_dir(out_dir, step), tokenizer=tokenizer, extra=write_trainer_state)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
+    """Copy a checkpoint's weights (router biases included) and optimizer state into `model`/`optimizer`.
+
+    Returns (state.json dict, rng dict); the caller restores the RNG after everything else is built.
+    """
+    sd = from_hf_state_dict(model.config, read_safetensors_dir(path))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    ts = path / "trainer_state"
+    optimizer.load_state_dict(torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
+    return json.loads((ts / "state.json").read_text()), rng
