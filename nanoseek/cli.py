@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from .config import PRESETS, ModelConfig
 
@@ -86,6 +87,51 @@ def _coord_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+    from .train.config import TrainConfig
+
+    base_width = args.base_width or ModelConfig.from_preset(args.preset).hidden_size
+    params = [p for p in args.params.split(",") if p]
+    if not params or not set(params) <= {"sp", "mup"}:
+        raise ValueError(f"--params takes sp and/or mup, got {args.params!r}")
+    base = TrainConfig(preset=args.preset, data=args.data, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                       batch_size=args.batch_size, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                       eval_batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device,
+                       out_dir=str(Path(args.out) / "transferred"))
+    grid = len(params) * len(args.widths) * len(args.seeds) * len(args.lrs) * len(args.inits or [None])
+    print(f"sweep: {grid} runs of {args.max_steps} steps ({args.preset}, muP base width {base_width}) -> {args.out}")
+    records = sweep.sweep(base, args.widths, args.lrs, args.seeds, params, args.out, base_width,
+                          inits=args.inits)
+    summary = {p: {"best": {w: sweep.best(records, p, w) for w in args.widths},
+                   "lr_shift_widest_over_narrowest": sweep.lr_shift(records, p)} for p in params}
+    out = Path(args.out)
+    (out / "sweep.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
+    sweep.plot(records, out / "sweep.png")
+    print("best learning rate per width (mean val loss over seeds):")
+    for p in params:
+        for w in args.widths:
+            b = summary[p]["best"][w]
+            print(f"  {p:4s} width {w:5d}: lr {b['lr']:.3g}" + ("" if b["init"] is None else f" init {b['init']:.3g}")
+                  + f"  val_loss {b['val_loss']:.4f}")
+        print(f"  {p:4s} best-lr shift from width {min(args.widths)} to {max(args.widths)}: "
+              f"{summary[p]['lr_shift_widest_over_narrowest']:.3g}x")
+    if args.transfer_to:
+        source = "mup" if "mup" in params else params[0]
+        chosen = summary[source]["best"][max(args.widths)]
+        path = sweep.transfer(base, chosen, args.transfer_to, base_width, out / f"transfer-{args.transfer_to}.json")
+        print(f"wrote {path}: run it with `nanoseek pretrain --config {path}`")
+    print(json.dumps({"sweep": summary}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/coord_check", help="output directory")
     p.set_defaults(func=_coord_check)
+
+    p = sub.add_parser("sweep", help="learning-rate sweep over widths and seeds; --transfer-to writes the target",
+                       description="Short pretraining runs over a grid of widths x learning rates x seeds (and "
+                                   "init scales), for muP and/or SP, on the built-in corpus by default. Writes "
+                                   "sweep.json, sweep.png (loss vs lr per width) and the chosen values.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="dsv3-tiny")
+    p.add_argument("--widths", type=_int_list, default=[64, 128, 256], help="comma-separated hidden sizes")
+    p.add_argument("--lrs", type=_float_list, default=[2.0**-k for k in range(12, 4, -1)],
+                   help="comma-separated learning rates (default 2^-12 .. 2^-5)")
+    p.add_argument("--seeds", type=_int_list, default=[0])
+    p.add_argument("--inits", type=_float_list, default=None, help="optional init std values to sweep too")
+    p.add_argument("--params", default="mup", help="parametrizations: mup, sp or mup,sp")
+    p.add_argument("--base-width", type=int, default=None, help="muP base width (default: the preset's width)")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--eval-batches", type=int, default=10)
+    p.add_argument("--data", default="stdlib")
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--transfer-to", type=int, default=None, metavar="WIDTH",
+                   help="write a pretrain --config file for this width with the tuned values")
+    p.add_argument("--out", default="out/sweep", help="output directory (finished runs are reused)")
+    p.set_defaults(func=_sweep)
     if importlib.util.find_spec("nanoseek.train.commands") is not None:
         from .train.commands import add_commands
 

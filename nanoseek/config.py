@@ -117,6 +117,8 @@ class ModelConfig:
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must be in [0, 1)")
+        if not self.initializer_range > 0:
+            bad("initializer_range", "must be > 0")
         if self.mup_base_width is not None and self.mup_base_width < 1:
             bad("mup_base_width", "must be None or a positive integer")
         for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -35,6 +35,9 @@ class TrainConfig:
     preset: str = _f("dsv3-tiny", f"model preset, one of {sorted(PRESETS)}")
     model_config: str | None = _f(None, "a config.json (HF keys) giving the full ModelConfig; overrides --preset")
     hidden_size: int | None = _f(None, "rescale the model to this width (ModelConfig.with_width)")
+    mup_base_width: int | None = _f(None, "turn muP on with this base width (hyperparameters tuned at that width "
+                                          "transfer); None: standard parametrization")
+    initializer_range: float | None = _f(None, "override the init std (sigma of the init table)")
     num_hidden_layers: int | None = _f(None, "override the model's num_hidden_layers")
     mtp_loss_weight: float | None = _f(None, "override lambda of the MTP loss (0 turns MTP training off)")
     router_balance: str | None = _f(None, f"override MoE balancing, one of {ROUTER_BALANCE}")
@@ -132,8 +135,9 @@ class TrainConfig:
         cfg = ModelConfig.load(self.model_config) if self.model_config else ModelConfig.from_preset(self.preset)
         if self.hidden_size is not None:
             cfg = cfg.with_width(self.hidden_size)
-        overrides = {k: getattr(self, k) for k in ("num_hidden_layers", "mtp_loss_weight",
-                                                     "router_balance", "aux_loss_alpha", "vocab_size")}
+        overrides = {k: getattr(self, k) for k in ("num_hidden_layers", "mtp_loss_weight", "router_balance",
+                                                     "aux_loss_alpha", "vocab_size", "mup_base_width",
+                                                     "initializer_range")}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "num_hidden_layers" in overrides and cfg.first_k_dense_replace > overrides["num_hidden_layers"]:
             overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]

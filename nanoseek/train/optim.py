@@ -1,10 +1,11 @@
-"""AdamW with two parameter groups, and learning-rate schedules as pure functions of the step.
+"""AdamW with decay / no-decay (and muP) parameter groups; learning-rate schedules as pure functions of the step.
 
-What. `configure_optimizer` puts every trainable parameter (tied weights counted once) into exactly one of
-two groups: "decay" (ndim >= 2: matrices, stacked experts, embeddings) and "no_decay" (norms, biases, other
-1-D tensors). Each group carries `lr_scale` (1.0 here; muP sets per-group factors), and `set_lr` gives each
-group `base_lr * lr_scale`. `lr_at(step, ...)` is linear warmup then cosine to `min_lr_ratio * lr`, or
-warmup-stable-decay (WSD: flat at `lr`, then linear to `min_lr_ratio * lr` over the last `decay_frac`).
+What. `configure_optimizer` puts every trainable parameter (tied weights counted once) into exactly one
+group: "decay" (ndim >= 2: matrices, stacked experts, embeddings) or "no_decay" (norms, biases, other 1-D
+tensors), split further under muP by the fan-in multiplier (mup.param_groups). Each group carries `lr_scale`
+(1 under SP, 1/m_in for muP's hidden matrices), and `set_lr` gives each group `base_lr * lr_scale`.
+`lr_at(step, ...)` is linear warmup then cosine to `min_lr_ratio * lr`, or warmup-stable-decay (WSD:
+flat at `lr`, then linear to `min_lr_ratio * lr` over the last `decay_frac`).
 
 Why. A schedule that is a pure function of the step makes resume trivial (no scheduler state to save) and
 is easy to plot and test. Grouping by ndim is nanoGPT's rule and matches DeepSeek-V3 (no decay on norms).
@@ -20,26 +21,24 @@ import math
 import torch
 from torch import nn
 
+from ..mup import param_groups
+
 SCHEDULES = ("cosine", "wsd")
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                         betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over `model`'s trainable parameters in two groups (decay / no_decay), each with `lr_scale`."""
-    seen: dict[int, tuple[str, nn.Parameter]] = {}  # id -> (first name, param): tied weights appear once
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.requires_grad and id(p) not in seen:
-            seen[id(p)] = (name, p)
-    decay = [p for _, p in seen.values() if p.dim() >= 2]
-    no_decay = [p for _, p in seen.values() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
-    ]
+    """AdamW over `model`'s trainable parameters; groups and their muP factors come from `mup.param_groups`.
+
+    Under the standard parametrization that is two groups, "decay" (ndim >= 2) and "no_decay"; under muP the
+    hidden matrices get their own groups with lr_scale = 1/m_in and weight_decay * m_in (see mup.py).
+    """
+    seen = {id(p): p for p in model.parameters() if p.requires_grad}  # tied weights appear once
+    groups = param_groups(model, weight_decay)
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(seen) and len(set(grouped)) == len(grouped), \
         "every trainable parameter must sit in exactly one optimizer group"
-    fused = len(seen) > 0 and all(p.is_cuda for _, p in seen.values())
+    fused = len(seen) > 0 and all(p.is_cuda for p in seen.values())
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     set_lr(opt, lr)
     return opt

@@ -1,0 +1,58 @@
+"""`nanoseek sweep` and muP through the trainer: groups, records, plot, and a transfer file pretrain accepts."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.train.config import TrainConfig, load_config_file
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for f in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")):
+        shutil.copy(f, root / f.name)
+    return root
+
+
+def test_sweep_records_plot_and_transfer(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    args = ["sweep", "--preset", "gpt2-tiny", "--widths", "32,64", "--lrs", "0.002,0.02", "--max-steps", "3",
+            "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
+            "--warmup-steps", "1", "--data", str(corpus), "--params", "mup,sp", "--transfer-to", "256",
+            "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sweep"]
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["runs"]) == 2 * 2 * 2
+    assert {r["param"] for r in data["runs"]} == {"mup", "sp"}
+    assert all(r["val_loss"] > 0 for r in data["runs"])
+    assert (out / "sweep.png").stat().st_size > 10_000
+    best = summary["mup"]["best"]["64"]
+    cfg = TrainConfig.from_dict(load_config_file(out / "transfer-256.json"))
+    assert cfg.hidden_size == 256 and cfg.mup_base_width == 128 and cfg.lr == best["lr"]
+    mcfg = cfg.model_config_obj()
+    assert mcfg.hidden_size == 256 and mcfg.mup_base_width == 128
+    # a second call reuses the finished runs instead of training again
+    assert main(args) == 0
+    assert "fresh start" not in capsys.readouterr().out
+
+
+def test_mup_trainconfig_builds_mup_optimizer(corpus, tmp_path):
+    from nanoseek import Model
+    from nanoseek.train.optim import configure_optimizer
+
+    cfg = TrainConfig(preset="dsv3-tiny", hidden_size=256, mup_base_width=128, data=str(corpus))
+    model = Model(cfg.model_config_obj())
+    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert scales == [0.5, 1.0]
+    assert all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"]) for g in opt.param_groups)
+    hidden = [g for g in opt.param_groups if g["lr_scale"] == 0.5]
+    assert hidden and all(g["weight_decay"] == pytest.approx(0.2) for g in hidden)
