@@ -32,11 +32,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _list_of(cast):
+    """argparse type: comma-separated values parsed with `cast` (int or float)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [cast(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {cast.__name__}s, got {text!r}") from None
+
+    return parse
 
 
 def _batches(preset_cfg: ModelConfig, data: str, n: int, batch_size: int, seq_len: int, seed: int):
@@ -85,13 +90,6 @@ def _coord_check(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/coord_check.png and coord_check.json")
     print(json.dumps({"coord_check_growth": summary}))
     return 0
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -151,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "few AdamW steps, and plot the mean |activation| of each layer type against "
                                    "width for the standard parametrization and muP (PNG + JSON).")
     p.add_argument("--preset", choices=sorted(PRESETS), default="dsv3-tiny", help="base model (default dsv3-tiny)")
-    p.add_argument("--widths", type=_int_list, default=[64, 128, 256, 512], help="comma-separated hidden sizes")
+    p.add_argument("--widths", type=_list_of(int), default=[64, 128, 256, 512], help="comma-separated hidden sizes")
     p.add_argument("--steps", type=int, default=4, help="AdamW steps (one batch each)")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate (muP scales it per layer)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -167,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "init scales), for muP and/or SP, on the built-in corpus by default. Writes "
                                    "sweep.json, sweep.png (loss vs lr per width) and the chosen values.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="dsv3-tiny")
-    p.add_argument("--widths", type=_int_list, default=[64, 128, 256], help="comma-separated hidden sizes")
-    p.add_argument("--lrs", type=_float_list, default=[2.0**-k for k in range(12, 4, -1)],
+    p.add_argument("--widths", type=_list_of(int), default=[64, 128, 256], help="comma-separated hidden sizes")
+    p.add_argument("--lrs", type=_list_of(float), default=[2.0**-k for k in range(12, 4, -1)],
                    help="comma-separated learning rates (default 2^-12 .. 2^-5)")
-    p.add_argument("--seeds", type=_int_list, default=[0])
-    p.add_argument("--inits", type=_float_list, default=None, help="optional init std values to sweep too")
+    p.add_argument("--seeds", type=_list_of(int), default=[0])
+    p.add_argument("--inits", type=_list_of(float), default=None, help="optional init std values to sweep too")
     p.add_argument("--params", default="mup", help="parametrizations: mup, sp or mup,sp")
     p.add_argument("--base-width", type=int, default=None, help="muP base width (default: the preset's width)")
     p.add_argument("--max-steps", type=int, default=100)
