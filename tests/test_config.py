@@ -9,29 +9,15 @@ import torch
 
 from nanoseek import Model, ModelConfig
 from nanoseek.config import PRESETS
-
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}
-
-
-def ds(**kw) -> ModelConfig:
-    base = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=3,
-                num_attention_heads=4, intermediate_size=48, moe_intermediate_size=16, q_lora_rank=24,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                num_nextn_predict_layers=1,
-                max_position_embeddings=64)
-    base.update(kw)
-    return ModelConfig(**base)
+from tests import tiny
+from tests.tiny import (
+    YARN,
+    ds,  # noqa: F401
+)
 
 
 def gpt2(**kw) -> ModelConfig:
-    base = dict(model_type="gpt2", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=128, hidden_act="gelu_new", rms_norm_eps=1e-5, initializer_range=0.02,
-                tie_word_embeddings=True, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                pad_token_id=None)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny.gpt2(**{"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None, **kw})
 
 
 # ---------------------------------------------------------------------- validation

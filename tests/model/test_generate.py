@@ -8,36 +8,20 @@ import torch
 from nanoseek import Model, ModelConfig
 from nanoseek.model import sample
 from nanoseek.model.transformer import IGNORE_INDEX
+from tests import tiny
 
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls: one thread is faster, and 2 OpenMP threads on a busy 2-core machine are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ds(**kw) -> ModelConfig:
-    base = dict(model_type="deepseek_v3", vocab_size=V, hidden_size=32, num_hidden_layers=3,
-                num_attention_heads=4, intermediate_size=48, moe_intermediate_size=16, q_lora_rank=24,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                num_nextn_predict_layers=1,
-                max_position_embeddings=32, aux_loss_alpha=0.01)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny.ds(**{"max_position_embeddings": 32, "aux_loss_alpha": 0.01, **kw})
 
 
 def gpt2(**kw) -> ModelConfig:
-    base = dict(model_type="gpt2", vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=128, hidden_act="gelu_new", rms_norm_eps=1e-5, tie_word_embeddings=True,
-                max_position_embeddings=32)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny.gpt2(**{"max_position_embeddings": 32, **kw})
 
 
 CONFIGS = {"gpt2": gpt2, "deepseek_v3": ds}

@@ -11,26 +11,9 @@ from nanoseek import Model, ModelConfig
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.layers import activation
 from nanoseek.model.moe import Experts, Gate, MoE, _padded_grouped_mm, grouped_mm
+from tests.tiny import ds  # noqa: F401
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls: one thread is faster, and 2 OpenMP threads on a busy 2-core machine are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def ds(**kw) -> ModelConfig:
-    base = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=3,
-                num_attention_heads=4, intermediate_size=48, moe_intermediate_size=16, q_lora_rank=24,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                num_nextn_predict_layers=1,
-                max_position_embeddings=64)
-    base.update(kw)
-    return ModelConfig(**base)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(cfg: ModelConfig, seed: int = 0, std: float = 0.2) -> Model:
