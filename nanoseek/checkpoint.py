@@ -36,10 +36,11 @@ INDEX = "model.safetensors.index.json"
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_IGNORED = re.compile(r"\.attn\.(bias|masked_bias)$")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
-# Files a checkpoint directory may hold; anything else makes save refuse to replace the directory.
+# Files a checkpoint (or PEFT adapter) directory may hold; anything else makes save refuse to replace the directory.
 OWNED = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
                    r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
-                   r"special_tokens_map\.json|trainer_state|metrics\.jsonl|README\.md|.*\.png)$")
+                   r"special_tokens_map\.json|adapter_config\.json|adapter_model\.safetensors|trainer_state|"
+                   r"metrics\.jsonl|README\.md|.*\.png)$")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 

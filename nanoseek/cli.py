@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -185,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a pretrain --config file for this width with the tuned values")
     p.add_argument("--out", default="out/sweep", help="output directory (finished runs are reused)")
     p.set_defaults(func=_sweep)
-    if importlib.util.find_spec("nanoseek.train.commands") is not None:
-        from .train.commands import add_commands
+    from .train.commands import add_commands
+    from .train.finetune import add_finetune_command
 
-        add_commands(sub)
+    add_commands(sub)
+    add_finetune_command(sub)
     return parser
 
 

@@ -72,8 +72,8 @@ def fan_in_multipliers(model: nn.Module) -> dict[str, float]:
     base = base_shapes(cfg)
     embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.dim() < 2 or name in embeddings or name == "lm_head.weight":
-            continue
+        if p.dim() < 2 or name in embeddings or name == "lm_head.weight" or name not in base:
+            continue  # (not in base: LoRA factors, which keep the base learning rate)
         out[name] = p.shape[-1] / base[name][-1]
     return out
 

@@ -177,8 +177,30 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        lora = self._absorbed_lora(B)
+        if lora is not None:  # kv_b_proj's LoRA delta gamma*B_l A_l, absorbed the same way as its weight
+            a, b_uk, b_uv = lora  # (B, 1, rl, r), (B, H, nope, rl), (B, H, v, rl)
+            q_lat = q_lat + torch.einsum("bhtd,bhdl->bhtl", q_nope, b_uk) @ a  # (B, H, T, r)
         q = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r + dr)
         k = latent[:, None].expand(B, H, S, self.kv_rank + self.rope)  # the cache is the key
         v = k[..., : self.kv_rank]  # and c_kv the value
         o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
-        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, H, T, v)
+        o = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, H, T, v)
+        if lora is not None:
+            o = o + torch.einsum("bhtl,bhvl->bhtv", o_lat @ a.transpose(-1, -2), b_uv)
+        return o
+
+    def _absorbed_lora(self, B: int):
+        """kv_b_proj's active LoRA factors split per head for the absorbed path, or None.
+
+        A (rl, kv_rank), gamma*B (H*(nope+v), rl), one adapter or one per row -> a (B, 1, rl, kv_rank),
+        b_uk (B, H, nope, rl), b_uv (B, H, v, rl).
+        """
+        f = self.kv_b_proj.lora_factors()
+        if f is None:
+            return None
+        a, b = f
+        if a.dim() == 2:
+            a, b = a.expand(B, *a.shape), b.expand(B, *b.shape)
+        b = b.view(B, self.n_head, self.nope + self.v_dim, -1)
+        return a[:, None], b[:, :, : self.nope], b[:, :, self.nope:]

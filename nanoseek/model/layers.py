@@ -1,7 +1,8 @@
 """Building blocks: norms, rotary embeddings (default and YaRN), the dense MLPs.
 
-Every projection is a plain `nn.Linear` made by `linear()`: the one linear type that the FP8 path replaces in
-place and LoRA wraps, with the parameter names Hugging Face uses (`weight`, `bias`).
+Every projection is made by `linear()`: the one linear type that the FP8 path replaces in place and LoRA
+extends, with the parameter names Hugging Face uses (`weight`, `bias`). It is a `lora.LoraLinear`, an
+`nn.Linear` that can also hold named LoRA adapters (nothing changes while it holds none).
 
 RoPE follows HF DeepseekV3 exactly: with `rope_interleave` the rotated dimensions are read as interleaved
 pairs (x0, x1), (x2, x3), ... and written back de-interleaved ([evens, odds]); queries and keys get the same
@@ -18,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..lora import LoraLinear
 
 
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias)
+    return LoraLinear(in_features, out_features, bias=bias)
 
 
 class RMSNorm(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..lora import expert_delta
 from .layers import SwiGLU, activation
 
 
@@ -36,6 +37,8 @@ def _native_grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     # both kernels need 16-byte aligned rows: K and N a multiple of 4 (fp32) or 8 (bf16) elements
     if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # inductor's lowering of _grouped_mm takes bf16 only (eager also runs fp32 on CPU)
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9  # sm90+
@@ -106,7 +109,11 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked routed experts (HF `mlp.experts`): gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+    """Stacked routed experts (HF `mlp.experts`): gate_up_proj (E, 2I, H), down_proj (E, H, I).
+
+    LoRA (see lora.py): `lora_A[adapter][proj]` (E, r, in), `lora_B[adapter][proj]` (E, out, r) per projection,
+    applied on the sorted token copies with the same grouped GEMM.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,6 +121,9 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(cfg.hidden_act)
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()  # adapter -> {proj: factor}
+        self.lora_scale: dict[str, dict[str, float]] = {}
+        self.lora_ctx = None
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""
@@ -122,11 +132,22 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // K  # source token of each sorted copy
         offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
-        h = grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs)  # (N*K, 2I)
+        xs = x[token]  # (N*K, H) token copies sorted by expert
+        h = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs)  # (N*K, 2I)
+        h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
         gate, up = h.chunk(2, dim=-1)
-        y = grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N*K, H)
+        a = self.act(gate) * up
+        y = grouped_mm(a, self.down_proj.transpose(1, 2), offs)  # (N*K, H)
+        y = self._lora(y, "down_proj", a, flat, order, token, offs, N)
         y = y * weights.flatten()[order, None]
         return torch.zeros(N, x.shape[1], device=x.device, dtype=y.dtype).index_add_(0, token, y).to(x.dtype)
+
+    def _lora(self, y, proj, xs, flat, order, token, offs, N):
+        """y (N*K, out) + the active adapter's term for `proj` (y itself without one)."""
+        if self.lora_ctx is None:
+            return y
+        d = expert_delta(self, proj, xs, flat[order], token, offs, N)
+        return y if d is None else y + d
 
 
 class MoE(nn.Module):

@@ -12,6 +12,10 @@ the main model's last block output, before the final norm) with the embedding of
 and predicts t_{i+k+1}. Sequences keep their length T (the last k positions have no target and are ignored),
 so shapes stay static. Loss = CE_main + lambda/D * sum_k CE_k + balance loss.
 
+LoRA (lora.py): every projection is a LoraLinear and the routed experts carry adapters too; `forward(...,
+adapter=)` runs the base, one named adapter, or one adapter per row, through `lora_context` (set for the duration
+of the forward). Adapter tensors are excluded from `state_dict()`: save them with `save_adapter` (PEFT format).
+
 Statistics come out as data: `ModelOutput.expert_load` (n_moe_layers, E) token counts of this forward. In
 training mode the model also sums them into `expert_load_accum` until `update_router_bias` consumes them, so
 gradient accumulation and data parallelism (all-reduce the sum first) see the whole step's load.
@@ -25,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import lora
 from ..config import ModelConfig
 from ..mup import output_multiplier, rescale_init
 from .attention import MLA, GPT2Attention, KVCache
-from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU
+from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU, linear
 from .moe import MoE
 
 IGNORE_INDEX = -100
@@ -79,8 +84,16 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg)
+
+    def forward(self, emb, h, rotary, cos, sin, want_loss=False):
+        """emb (B, T, H) embeddings of tokens i+k, h (B, T, H) the previous depth's hidden state ->
+        (h^k (B, T, H), shared_head.norm(h^k), expert load, balance loss). All of the module's own parameters
+        are used inside its forward, so it can be one FSDP unit."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        h, load, loss = super().forward(x, rotary, cos, sin, want_loss=want_loss)
+        return h, self.shared_head.norm(h), load, loss
 
 
 class DeepseekBackbone(nn.Module):
@@ -131,8 +144,11 @@ class Model(nn.Module):
                 self.model = DeepseekBackbone(cfg)
                 L = cfg.num_hidden_layers
                 self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.expert_load_accum: torch.Tensor | None = None  # (n_moe_layers, E) fp32, summed in training
+        self.lora_context = lora.LoraContext()  # the adapters and which one this forward runs (lora.py)
+        self._register_state_dict_hook(lora.drop_lora_from_state_dict)  # adapters: save_adapter only
+        self.register_load_state_dict_post_hook(lora.ignore_missing_lora)
         self.tie_weights()
         if str(device) != "meta":
             self.to_empty(device=device or "cpu")
@@ -151,6 +167,38 @@ class Model(nn.Module):
         from ..checkpoint import save_pretrained
 
         return save_pretrained(self, path, dtype=dtype, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ LoRA adapters (lora.py)
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter names in creation order (the default per-row index space)."""
+        return list(self.lora_context.configs)
+
+    def add_adapter(self, name: str, config: lora.LoraConfig | None = None) -> None:
+        """Create adapter `name` on the weights `config.target_modules` selects (frozen until trainable_adapter)."""
+        lora.add_adapter(self, name, config)
+
+    def delete_adapter(self, name: str) -> None:
+        lora.delete_adapter(self, name)
+
+    def trainable_adapter(self, name: str | None) -> list[nn.Parameter]:
+        """Only adapter `name`'s A/B require grad (None: the base does, adapters don't); returns them."""
+        return lora.trainable_adapter(self, name)
+
+    def merge_adapter(self, name: str) -> None:
+        """W += gamma B A; afterwards model(x) runs the adapter (and adapter=name too)."""
+        lora.merge_adapter(self, name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        lora.unmerge_adapter(self, name)
+
+    def save_adapter(self, path, name: str, base_model_name_or_path: str | None = None):
+        """Write adapter `name` as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
+        return lora.save_adapter(self, path, name, base_model_name_or_path)
+
+    def load_adapter(self, path, name: str) -> lora.LoraConfig:
+        """Read a PEFT LoRA directory (written by nanoseek or peft) as adapter `name`."""
+        return lora.load_adapter(self, path, name)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -208,11 +256,18 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                absorb: bool = True, return_output: bool = False):
+                absorb: bool = True, return_output: bool = False, adapter: str | torch.Tensor | None = None,
+                adapter_names: list[str] | None = None):
         """input_ids (B, T) -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> ModelOutput with losses.
 
         With a KVCache, the T tokens are appended to each row of the cache at that row's own position.
+        adapter: None (the base), an adapter name, or a (B,) long tensor of per-row indices into adapter_names
+        (default: self.adapters), -1 = the base for that row (see lora.py).
         """
+        with self.lora_context.use(adapter, adapter_names, input_ids.shape[0]):
+            return self._forward(input_ids, targets, cache, absorb, return_output)
+
+    def _forward(self, input_ids, targets, cache, absorb, return_output):
         if cache is not None:
             positions = cache.begin(input_ids.shape[1])
         else:
@@ -281,10 +336,9 @@ class Model(nn.Module):
             shifted = torch.roll(input_ids, -k, dims=1)  # token i+k at position i (last k wrap: ignored)
             tgt = torch.roll(targets, -k, dims=1)
             tgt[:, T - k:] = IGNORE_INDEX
-            x = layer.eh_proj(torch.cat([layer.enorm(m.embed_tokens(shifted)), layer.hnorm(h)], dim=-1))
-            h, load, loss = layer(x, m.rotary, cos, sin, want_loss=True)
+            h, normed, load, loss = layer(m.embed_tokens(shifted), h, m.rotary, cos, sin, want_loss=True)
             self._collect(load, loss, loads, bal)
-            logits = self.readout(layer.shared_head.norm(h))
+            logits = self.readout(normed)
             losses.append(cross_entropy(logits, tgt))
         return torch.stack(losses).mean()
 
@@ -317,12 +371,14 @@ class Model(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, adapter: str | torch.Tensor | None = None,
+                 adapter_names: list[str] | None = None) -> torch.Tensor:
         """Continue each row of input_ids (B, T) by up to max_new_tokens tokens using the KV cache.
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the top_k
         tokens and/or the smallest set with probability >= top_p. Rows that emit eos_token_id keep emitting it;
-        generation stops early when every row has. Returns (B, T + n) with n <= max_new_tokens.
+        generation stops early when every row has. `adapter`/`adapter_names` as in forward. Returns (B, T + n)
+        with n <= max_new_tokens.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -337,7 +393,7 @@ class Model(nn.Module):
         try:
             gen = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
             cache = self.make_cache(B, T + max_new_tokens)
-            logits = self(input_ids, cache=cache)[:, -1]
+            logits = self(input_ids, cache=cache, adapter=adapter, adapter_names=adapter_names)[:, -1]
             out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
                 nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
@@ -347,7 +403,7 @@ class Model(nn.Module):
                 out.append(nxt[:, None])
                 if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
                     break
-                logits = self(nxt[:, None], cache=cache)[:, -1]
+                logits = self(nxt[:, None], cache=cache, adapter=adapter, adapter_names=adapter_names)[:, -1]
         finally:
             self.train(was_training)
         return torch.cat(out, dim=1)

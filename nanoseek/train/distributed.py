@@ -95,9 +95,10 @@ def wrap_model(model: nn.Module, d: Dist, device: torch.device, fsdp: bool = Fal
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        # main blocks are their own units; MTP modules stay in the root unit, because the model calls their
-        # enorm/hnorm/eh_proj directly (not through the module's forward, where FSDP would unshard them)
-        for block in getattr(getattr(model, "model", None), "layers", []):
+        # every block is its own unit: main layers, and MTP modules (which use all their parameters inside
+        # their own forward); embedding, final norm and head stay in the root unit
+        blocks = list(getattr(getattr(model, "model", None), "layers", [])) + list(getattr(model, "mtp", []))
+        for block in blocks or getattr(getattr(model, "transformer", None), "h", []):
             fully_shard(block)
         fully_shard(model)
         return model

@@ -146,7 +146,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         lr = lr_at(step, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_frac)
         set_lr(optimizer, lr)
         gamma = cfg.bias_update_gamma if step < bias_stop else 0.0
-        parts_cpu, grad_norm, load = _optimizer_step(cfg, d, model, wrapped, optimizer, loader, autocast, device,
+        parts_cpu, grad_norm, load = optimizer_step(cfg, d, model, wrapped, optimizer, loader, autocast, device,
                                                      step, gamma, nan_step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -188,7 +188,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     return summary
 
 
-def _optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader, autocast, device, step: int,
+def optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader, autocast, device, step: int,
                     gamma: float, nan_step: int) -> tuple[list[float], float, torch.Tensor | None]:
     """One optimizer step over grad_accum micro-batches, then the router bias update.
 

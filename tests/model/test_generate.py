@@ -7,7 +7,7 @@ import torch
 
 from nanoseek import Model, ModelConfig
 from nanoseek.model import sample
-from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.model.transformer import IGNORE_INDEX, DecoderLayer
 from tests import tiny
 
 V = 64
@@ -236,7 +236,7 @@ def mtp_reference(model, x, targets, h):
         n = T - k
         hk = layer.eh_proj(torch.cat([layer.enorm(m.embed_tokens(x[:, k:])), layer.hnorm(h[:, :n])], dim=-1))
         cos, sin = m.rotary(torch.arange(n)[None].expand(x.shape[0], -1), hk.dtype)
-        h = layer(hk, m.rotary, cos, sin)[0]
+        h = DecoderLayer.forward(layer, hk, m.rotary, cos, sin)[0]  # the MTP module's own block
         logits = model.lm_head(layer.shared_head.norm(h))
         losses.append(ce_manual(logits.flatten(0, 1), targets[:, k:].flatten()))
     return torch.stack(losses).mean()
