@@ -45,13 +45,19 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 # ---------------------------------------------------------------------------------------------- mapping
-def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The on-disk (HF) state dict of a nanoseek Model: contiguous tensors sharing no storage."""
+def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The on-disk (HF) state dict of a nanoseek Model: contiguous tensors sharing no storage.
+
+    `sd`: the in-memory state dict to write instead of `model.state_dict()` (e.g. gathered from FSDP shards).
+    """
     cfg: ModelConfig = model.config
     L = cfg.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
-    sd = model.state_dict()
+    sd = dict(model.state_dict() if sd is None else sd)
     embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
+    if cfg.tie_word_embeddings:  # a gathered state dict may hold a tied weight under one of its names only
+        sd.setdefault(embed_key, sd.get("lm_head.weight"))
+        sd.setdefault("lm_head.weight", sd[embed_key])
     for key, t in sd.items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -218,11 +224,13 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- API
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer=None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a HF model directory. `extra(tmp_dir)` may add files (e.g. trainer state) before
-    the directory is renamed into place; `tokenizer` (anything with `.save(dir)`) is saved beside it."""
+    the directory is renamed into place; `tokenizer` (anything with `.save(dir)`) is saved beside it;
+    `state_dict` replaces `model.state_dict()` (a full state dict gathered from FSDP shards)."""
     cfg: ModelConfig = model.config
-    sd = to_hf_state_dict(model)
+    sd = to_hf_state_dict(model, state_dict)
     if dtype is not None:
         sd = {k: (t if k.endswith("e_score_correction_bias") else t.to(dtype)) for k, t in sd.items()}
 

@@ -98,37 +98,74 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, step: int, optimizer, state: dict,
-                    rng: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-{step:07d} atomically, then delete all but the newest `keep_last`."""
+                    rng: dict, keep_last: int, gathered: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoints/step-{step:07d} atomically, then delete all but the newest `keep_last`.
+
+    gathered: (model state dict, optimizer state dict) already gathered from FSDP shards (full, on CPU; the
+    optimizer's keyed by parameter name, see `gather_fsdp_state`), written instead of the model's own.
+    """
     def write_trainer_state(tmp: Path) -> None:
         d = tmp / "trainer_state"
         d.mkdir()
-        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        torch.save(optimizer.state_dict() if gathered is None else gathered[1], d / "optimizer.pt")
         torch.save(rng, d / "rng.pt")
         slow = float(os.environ.get("NANOSEEK_TEST_SLOW_SAVE", "0") or 0)
         if slow > 0:  # test hook: widen the window in which a kill lands mid-write
             time.sleep(slow)
         (d / "state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks "complete"
 
-    path = model.save_pretrained(checkpoint_dir(out_dir, step), tokenizer=tokenizer, extra=write_trainer_state)
+    path = model.save_pretrained(checkpoint_dir(out_dir, step), tokenizer=tokenizer, extra=write_trainer_state,
+                                 state_dict=None if gathered is None else gathered[0])
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
+def gather_fsdp_state(model, optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts of an FSDP2-sharded model, on CPU on rank 0 (empty elsewhere).
+
+    Every rank must call it (it all-gathers). The optimizer state is keyed by parameter name (DCP format).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False) -> tuple[dict, dict]:
     """Copy a checkpoint's weights (router biases included) and optimizer state into `model`/`optimizer`.
 
-    Returns (state.json dict, rng dict); the caller restores the RNG after everything else is built.
+    fsdp: the model is FSDP2-sharded and the checkpoint was written from gathered state (every rank reads the
+    full files and keeps its shard). Returns (state.json dict, rng dict); the caller restores the RNG after
+    everything else is built.
     """
     sd = from_hf_state_dict(model.config, read_safetensors_dir(path))
+    ts = path / "trainer_state"
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+        osd = torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, osd, options=opts)
+        rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
+        return json.loads((ts / "state.json").read_text()), rng
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.tie_weights()
-    ts = path / "trainer_state"
     optimizer.load_state_dict(torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
     return json.loads((ts / "state.json").read_text()), rng

@@ -35,6 +35,7 @@ from .evaluate import evaluate
 from .metrics import MetricsLog, flops_per_token, max_vio, peak_flops, peak_memory_bytes
 from .optim import configure_optimizer, lr_at, set_lr
 from .state import (
+    gather_fsdp_state,
     list_checkpoints,
     load_checkpoint,
     remove_stale_temps,
@@ -109,11 +110,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                           world_size=d.world_size, device=device)
     start_step, metrics_offset = 0, None
     if resume_path is not None:
-        if cfg.fsdp and d.enabled:
-            raise ValueError("--resume under --fsdp is not implemented yet (FSDP2 checkpoints); use DDP")
         if d.is_main:
             remove_stale_temps(out_dir)
-        state, rng = load_checkpoint(resume_path, model, optimizer)
+        d.barrier()
+        state, rng = load_checkpoint(resume_path, model, optimizer, fsdp=cfg.fsdp and d.enabled)
+        if bool(state.get("fsdp")) != (cfg.fsdp and d.enabled):
+            raise ValueError(f"{resume_path} was written {'with' if state.get('fsdp') else 'without'} FSDP: "
+                             "resume it the same way (its optimizer state is stored differently)")
         loader.load_state_dict(state["loader"])
         start_step, metrics_offset = int(state["step"]), int(state["metrics_offset"])
         set_rng_state(rng)
@@ -236,12 +239,10 @@ def optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader,
 
 def _save(cfg: TrainConfig, d: Dist, model, tok, optimizer, loader, step: int, log: MetricsLog | None) -> None:
     """Rank 0 writes checkpoints/step-{step}; the others wait so nobody runs ahead of a half-written one."""
-    if cfg.fsdp and d.enabled:  # needs a full-state-dict gather (torch.distributed.checkpoint): not done yet
-        if log is not None:
-            log.print(f"step {step}: checkpoint skipped: saving under --fsdp is not implemented yet (use DDP)")
-        return
+    fsdp = cfg.fsdp and d.enabled
+    gathered = gather_fsdp_state(model, optimizer) if fsdp else None  # every rank takes part in the gather
     if d.is_main:
         state = {"step": step, "loader": loader.state_dict(), "metrics_offset": log.offset(),
-                 "world_size": d.world_size, "train_config": cfg.to_dict()}
-        save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last)
+                 "world_size": d.world_size, "fsdp": fsdp, "train_config": cfg.to_dict()}
+        save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last, gathered)
     d.barrier()

@@ -17,7 +17,8 @@ def torchrun():
 
 
 def launch(nproc, corpus, cache, out, **kw):
-    args = cli_args(tiny_kwargs(corpus, cache, out, max_steps=8, eval_every=4, save_every=8, **kw))
+    """Run `nanoseek pretrain` (8 steps, eval every 4, save every 4 and at the end) on nproc processes."""
+    args = cli_args(tiny_kwargs(corpus, cache, out, max_steps=8, eval_every=4, save_every=4, **kw))
     cmd = (torchrun() + ["--standalone", "--nproc-per-node", str(nproc), "-m", "nanoseek", "pretrain"]
            if nproc > 1 else [sys.executable, "-m", "nanoseek", "pretrain"]) + args
     r = subprocess.run(cmd, env=subprocess_env(cache), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -48,7 +49,27 @@ def test_two_processes_ddp_match_one(tiny_corpus, cache_dir, tmp_path, one_proce
 
 
 def test_two_processes_fsdp2_match_one(tiny_corpus, cache_dir, tmp_path, one_process):
-    """FSDP2 (fully_shard) trains on CPU/gloo and follows the same curve; its checkpoints are skipped."""
+    """FSDP2 (fully_shard) trains on CPU/gloo, follows the same curve, and writes a full HF checkpoint
+    (gathered from the shards) equal to the 1-process one."""
     two = launch(2, tiny_corpus, cache_dir, tmp_path / "fsdp", batch_size=4, fsdp=True)
     assert_same_curve(one_process, two)
-    assert not (tmp_path / "fsdp" / "checkpoints").exists()
+    from nanoseek import Model
+
+    ck = Model.from_pretrained(tmp_path / "fsdp" / "checkpoints" / "step-0000008")
+    assert ck.config.num_hidden_layers == 2 and any(n.startswith("mtp.") for n, _ in ck.named_parameters())
+
+
+def test_fsdp2_resume_matches_uninterrupted(tiny_corpus, cache_dir, tmp_path):
+    """Resume an FSDP2 run from its step-4 checkpoint (gathered model + name-keyed optimizer state): the
+    losses after resuming equal those of the uninterrupted run."""
+    import shutil
+
+    full = launch(2, tiny_corpus, cache_dir, tmp_path / "full", batch_size=4, fsdp=True)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000008")  # as if killed after the step-4 save
+    resumed = launch(2, tiny_corpus, cache_dir, tmp_path / "cut", batch_size=4, fsdp=True, resume="latest")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(full, resumed):
+        for key in ("loss", "main_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
