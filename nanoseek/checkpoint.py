@@ -77,11 +77,15 @@ def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[s
             out[key] = t.t().contiguous()
         else:
             out[key] = t.detach().clone().contiguous()
-    mult = output_multiplier(cfg)
-    if mult != 1.0:  # muP: fold the readout multiplier so that the file is a standard model
+    # fold the multipliers so that the file is a standard model: muP's readout 1/m, the embedding multiplier
+    mult, alpha = output_multiplier(cfg), cfg.embedding_multiplier
+    if alpha != 1.0:
+        for key in (embed_key, "transformer.wpe.weight") if cfg.model_type == "gpt2" else (embed_key,):
+            out[key] = sd[key] * alpha
+    if mult != 1.0 or (cfg.tie_word_embeddings and alpha != 1.0):  # the readout then has its own weights
         out["lm_head.weight"] = sd["lm_head.weight"] * mult
     for k in range(cfg.num_nextn_predict_layers if cfg.model_type == "deepseek_v3" else 0):
-        out[f"model.layers.{L + k}.embed_tokens.weight"] = sd[embed_key].clone()
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = sd[embed_key] * alpha
         out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"] * mult
     return out
 
@@ -117,6 +121,11 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
             [torch.cat([per_expert[i]["gate_proj"], per_expert[i]["up_proj"]], dim=0) for i in range(n)])
         out[f"{prefix}.down_proj"] = torch.stack([per_expert[i]["down_proj"] for i in range(n)])
     embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
+    alpha = cfg.embedding_multiplier
+    if alpha != 1.0:  # unfold the embedding multiplier
+        for key in (embed_key, "transformer.wpe.weight") if cfg.model_type == "gpt2" else (embed_key,):
+            if key in out:
+                out[key] = out[key] / alpha
     if cfg.tie_word_embeddings and embed_key in out:
         out["lm_head.weight"] = out[embed_key]
     elif output_multiplier(cfg) != 1.0 and "lm_head.weight" in out:  # unfold muP's readout multiplier

@@ -103,10 +103,11 @@ def _sweep(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
                        eval_batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device,
                        out_dir=str(Path(args.out) / "transferred"))
-    grid = len(params) * len(args.widths) * len(args.seeds) * len(args.lrs) * len(args.inits or [None])
+    grid = (len(params) * len(args.widths) * len(args.seeds) * len(args.lrs) * len(args.inits or [None])
+            * len(args.emb_mults or [None]))
     print(f"sweep: {grid} runs of {args.max_steps} steps ({args.preset}, muP base width {base_width}) -> {args.out}")
     records = sweep.sweep(base, args.widths, args.lrs, args.seeds, params, args.out, base_width,
-                          inits=args.inits)
+                          inits=args.inits, emb_mults=args.emb_mults)
     summary = {p: {"best": {w: sweep.best(records, p, w) for w in args.widths},
                    "lr_shift_widest_over_narrowest": sweep.lr_shift(records, p)} for p in params}
     out = Path(args.out)
@@ -117,7 +118,7 @@ def _sweep(args: argparse.Namespace) -> int:
         for w in args.widths:
             b = summary[p]["best"][w]
             print(f"  {p:4s} width {w:5d}: lr {b['lr']:.3g}" + ("" if b["init"] is None else f" init {b['init']:.3g}")
-                  + f"  val_loss {b['val_loss']:.4f}")
+                  + ("" if b["emb"] is None else f" emb {b['emb']:.3g}") + f"  val_loss {b['val_loss']:.4f}")
         print(f"  {p:4s} best-lr shift from width {min(args.widths)} to {max(args.widths)}: "
               f"{summary[p]['lr_shift_widest_over_narrowest']:.3g}x")
     if args.transfer_to:
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated learning rates (default 2^-12 .. 2^-5)")
     p.add_argument("--seeds", type=_list_of(int), default=[0])
     p.add_argument("--inits", type=_list_of(float), default=None, help="optional init std values to sweep too")
+    p.add_argument("--emb-mults", type=_list_of(float), default=None,
+                   help="optional embedding multipliers (muP's alpha_emb) to sweep too")
     p.add_argument("--params", default="mup", help="parametrizations: mup, sp or mup,sp")
     p.add_argument("--base-width", type=int, default=None, help="muP base width (default: the preset's width)")
     p.add_argument("--max-steps", type=int, default=100)

@@ -36,7 +36,7 @@ GPT2_KEYS = {
 }
 
 # Fields that exist only in nanoseek (written as extra config.json keys).
-NANOSEEK_KEYS = ("mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width")
+NANOSEEK_KEYS = ("mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width", "embedding_multiplier")
 
 
 @dataclass
@@ -93,6 +93,7 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0001  # alpha of the balance loss (sequence-wise, or batch-wise for aux_loss)
     router_balance: str = "aux_free"  # aux_free: bias + sequence-wise loss; aux_loss: classic loss; none
     mup_base_width: int | None = None  # None: standard parametrization
+    embedding_multiplier: float = 1.0  # input embeddings are multiplied by this (muP's alpha_emb); folded on export
 
     def __post_init__(self):
         self.validate()
@@ -117,6 +118,8 @@ class ModelConfig:
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must be in [0, 1)")
+        if not self.embedding_multiplier > 0:
+            bad("embedding_multiplier", "must be > 0")
         if not self.initializer_range > 0:
             bad("initializer_range", "must be > 0")
         if self.mup_base_width is not None and self.mup_base_width < 1:
@@ -247,10 +250,10 @@ class ModelConfig:
             out = {"architectures": ["DeepseekV3ForCausalLM"], **{k: v for k, v in d.items() if k not in skip}}
             out["num_key_value_heads"] = self.num_attention_heads
             out["num_mtp_layers"] = self.num_nextn_predict_layers
-        if self.mup_base_width is not None and self.tie_word_embeddings:
-            # muP's 1/m readout multiplier is folded into a separate lm_head on disk (see mup.py)
+        if self.tie_word_embeddings and (self.mup_base_width is not None or self.embedding_multiplier != 1.0):
+            # the multipliers are folded into the weights on disk, so a tied head is written on its own
             out["tie_word_embeddings"] = False
-            extras["mup_tied_readout"] = True
+            extras["tied_readout_folded"] = True
         out["nanoseek"] = extras
         return out
 
@@ -295,7 +298,7 @@ class ModelConfig:
                 kw[tok] = None
         extras = d.get("nanoseek") or {}
         kw.update({k: v for k, v in extras.items() if k in NANOSEEK_KEYS})
-        if extras.get("mup_tied_readout"):
+        if extras.get("tied_readout_folded"):
             kw["tie_word_embeddings"] = True
         return cls(**kw)
 

@@ -30,6 +30,9 @@ wherever that package has a rule; a test checks agreement for GPT-2. Explicit ru
     differ by a width-independent constant; we keep 1/sqrt(d_head), which makes muP equal SP at the base width.
   * tied embeddings (GPT-2): the shared table is an embedding (lr, init unchanged); the 1/m multiplier acts
     on the logits only, as `MuSharedReadout` does.
+Embedding multiplier: `ModelConfig.embedding_multiplier` (alpha_emb, default 1) scales the input embeddings;
+like init std and learning rate it is a width-independent hyperparameter to tune on the proxy (`nanoseek
+sweep --emb-mults`), folded into the embedding weights on export.
 Weight decay follows MuAdam (wd * m_in for hidden matrices, so the decoupled decay lr*wd does not change with
 width).
 

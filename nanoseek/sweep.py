@@ -1,6 +1,7 @@
 """`nanoseek sweep`: tune on small proxies, transfer to a wide model (muTransfer).
 
-What. For each parametrization (muP, and SP for comparison), width, seed and learning rate, run a short
+What. For each parametrization (muP, and SP for comparison), width, seed and learning rate (and optionally init
+std and embedding multiplier), run a short
 pretraining (the real trainer, on the built-in corpus by default) and record the final validation loss.
 Writes sweep.json (every run), a loss-vs-learning-rate plot per width and parametrization (sweep.png), and
 the chosen learning rate: the best mean loss over seeds at the widest swept width. `--transfer-to WIDTH`
@@ -23,30 +24,34 @@ from pathlib import Path
 from .train.config import TrainConfig
 
 
-def run_name(param: str, width: int, seed: int, lr: float, init: float | None) -> str:
-    return f"{param}-w{width}-s{seed}-lr{lr:.3g}" + ("" if init is None else f"-init{init:.3g}")
+def run_name(param: str, width: int, seed: int, lr: float, init: float | None, emb: float | None) -> str:
+    return (f"{param}-w{width}-s{seed}-lr{lr:.3g}" + ("" if init is None else f"-init{init:.3g}")
+            + ("" if emb is None else f"-emb{emb:.3g}"))
 
 
 def sweep(base: TrainConfig, widths: list[int], lrs: list[float], seeds: list[int], params: list[str],
-          out_dir: str | Path, base_width: int, inits: list[float | None] | None = None, progress=print) -> list[dict]:
-    """Run the grid; returns one record per run: param, width, seed, lr, init, val_loss, train_loss, diverged."""
+          out_dir: str | Path, base_width: int, inits: list[float | None] | None = None,
+          emb_mults: list[float | None] | None = None, progress=print) -> list[dict]:
+    """Run the grid; returns one record per run: param, width, seed, lr, init, emb, val_loss, train_loss,
+    diverged. `inits` (init std) and `emb_mults` (embedding multiplier) are optional extra grid axes."""
     from .train.trainer import TrainingDiverged, train
 
     out_dir = Path(out_dir)
-    inits = inits or [None]
-    grid = [(p, w, s, lr, i) for p in params for w in widths for s in seeds for lr in lrs for i in inits]
+    inits, emb_mults = inits or [None], emb_mults or [None]
+    grid = [(p, w, s, lr, i, e) for p in params for w in widths for s in seeds for lr in lrs for i in inits
+            for e in emb_mults]
     records = []
-    for n, (param, width, seed, lr, init) in enumerate(grid, start=1):
-        run_dir = out_dir / "runs" / run_name(param, width, seed, lr, init)
+    for n, (param, width, seed, lr, init, emb) in enumerate(grid, start=1):
+        run_dir = out_dir / "runs" / run_name(param, width, seed, lr, init, emb)
         done = run_dir / "result.json"
         if done.exists():
             rec = json.loads(done.read_text())
         else:
             cfg = dataclasses.replace(base, hidden_size=width, lr=lr, seed=seed, out_dir=str(run_dir),
                                       mup_base_width=base_width if param == "mup" else None,
-                                      initializer_range=init, resume=None, plots=False, eval_every=0,
-                                      save_every=0, keep_last=1)
-            rec = {"param": param, "width": width, "seed": seed, "lr": lr, "init": init}
+                                      initializer_range=init, embedding_multiplier=emb, resume=None,
+                                      plots=False, eval_every=0, save_every=0, keep_last=1)
+            rec = {"param": param, "width": width, "seed": seed, "lr": lr, "init": init, "emb": emb}
             try:
                 summary = train(cfg)
                 rec.update(val_loss=summary["val_loss"], train_loss=summary["loss"], diverged=False)
@@ -56,18 +61,19 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[float], seeds: list[in
             done.write_text(json.dumps(rec) + "\n")
         records.append(rec)
         progress(f"[{n}/{len(grid)}] {param} width {width} seed {seed} lr {lr:.3g}"
-                 + ("" if init is None else f" init {init:.3g}") + f": val_loss {rec['val_loss']:.4f}")
+                 + ("" if init is None else f" init {init:.3g}") + ("" if emb is None else f" emb {emb:.3g}")
+                 + f": val_loss {rec['val_loss']:.4f}")
     return records
 
 
 def best(records: list[dict], param: str, width: int) -> dict:
-    """The (lr, init) with the lowest val loss averaged over seeds at this width: {"lr", "init", "val_loss"}."""
+    """The (lr, init, emb) with the lowest val loss averaged over seeds at this width."""
     by_key: dict[tuple, list[float]] = {}
     for r in records:
         if r["param"] == param and r["width"] == width:
-            by_key.setdefault((r["lr"], r["init"]), []).append(r["val_loss"])
-    (lr, init), losses = min(by_key.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
-    return {"lr": lr, "init": init, "val_loss": sum(losses) / len(losses)}
+            by_key.setdefault((r["lr"], r["init"], r.get("emb")), []).append(r["val_loss"])
+    (lr, init, emb), losses = min(by_key.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
+    return {"lr": lr, "init": init, "emb": emb, "val_loss": sum(losses) / len(losses)}
 
 
 def lr_shift(records: list[dict], param: str) -> float:
@@ -109,7 +115,7 @@ def plot(records: list[dict], path: str | Path) -> Path:
 def transfer(base: TrainConfig, chosen: dict, width: int, base_width: int, path: str | Path) -> Path:
     """Write the TrainConfig for the target width with the tuned values (a --config file for pretrain)."""
     cfg = dataclasses.replace(base, hidden_size=width, lr=chosen["lr"], mup_base_width=base_width,
-                              initializer_range=chosen["init"])
+                              initializer_range=chosen["init"], embedding_multiplier=chosen.get("emb"))
     d = {k: v for k, v in cfg.to_dict().items() if v is not None}
     path = Path(path)
     path.write_text(json.dumps(d, indent=2) + "\n")

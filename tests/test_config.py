@@ -253,7 +253,8 @@ def test_to_hf_dict_uses_hf_key_names():
     assert d["architectures"] == ["DeepseekV3ForCausalLM"] and d["model_type"] == "deepseek_v3"
     assert d["rope_parameters"] == YARN and d["num_key_value_heads"] == 4
     assert d["num_nextn_predict_layers"] == 1
-    assert set(d["nanoseek"]) == {"mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width"}
+    assert set(d["nanoseek"]) == {"mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width",
+                                  "embedding_multiplier"}
     assert "router_balance" not in d and "embd_pdrop" not in d
 
 

@@ -142,3 +142,26 @@ def test_coord_check_command_writes_plot_and_json(tmp_path, capsys):
     data = json.loads((tmp_path / "coord_check.json").read_text())
     assert len(data["records"]) == 2 * 3 * 2
     assert (tmp_path / "coord_check.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("make", [gpt2, dsv3])
+@pytest.mark.parametrize("mup_on", [False, True])
+def test_embedding_multiplier_folds_on_export(make, mup_on, tmp_path):
+    """alpha_emb scales the input embeddings; the file holds folded weights that transformers reads as-is."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = make(width=64).replace(embedding_multiplier=4.0, mup_base_width=32 if mup_on else None)
+    model = Model(cfg).eval()
+    x = torch.randint(0, 128, (2, 11))
+    plain = Model(cfg.replace(embedding_multiplier=1.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(model(x), plain(x))  # the multiplier does act
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+    back = Model.from_pretrained(tmp_path)
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k

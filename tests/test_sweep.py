@@ -26,17 +26,20 @@ def test_sweep_records_plot_and_transfer(corpus, tmp_path, capsys, monkeypatch):
     args = ["sweep", "--preset", "gpt2-tiny", "--widths", "32,64", "--lrs", "0.002,0.02", "--max-steps", "3",
             "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
             "--warmup-steps", "1", "--data", str(corpus), "--params", "mup,sp", "--transfer-to", "256",
+            "--emb-mults", "1,2",
             "--out", str(out)]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sweep"]
     data = json.loads((out / "sweep.json").read_text())
-    assert len(data["runs"]) == 2 * 2 * 2
+    assert len(data["runs"]) == 2 * 2 * 2 * 2
+    assert {r["emb"] for r in data["runs"]} == {1.0, 2.0}
     assert {r["param"] for r in data["runs"]} == {"mup", "sp"}
     assert all(r["val_loss"] > 0 for r in data["runs"])
     assert (out / "sweep.png").stat().st_size > 10_000
     best = summary["mup"]["best"]["64"]
     cfg = TrainConfig.from_dict(load_config_file(out / "transfer-256.json"))
     assert cfg.hidden_size == 256 and cfg.mup_base_width == 128 and cfg.lr == best["lr"]
+    assert cfg.embedding_multiplier == best["emb"]
     mcfg = cfg.model_config_obj()
     assert mcfg.hidden_size == 256 and mcfg.mup_base_width == 128
     # a second call reuses the finished runs instead of training again

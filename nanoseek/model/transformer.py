@@ -302,14 +302,15 @@ class Model(nn.Module):
 
     def _gpt2_trunk(self, input_ids, positions, cache):
         t = self.transformer
-        x = t.drop(t.wte(input_ids) + t.wpe(positions))
+        x = t.wte(input_ids) + t.wpe(positions)
+        x = t.drop(x if self.config.embedding_multiplier == 1.0 else x * self.config.embedding_multiplier)
         for block in t.h:
             x = block(x, cache)
         return x
 
     def _deepseek_trunk(self, input_ids, positions, cache, want_loss, absorb):
         m = self.model
-        x = m.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = m.rotary(positions.expand(input_ids.shape[0], -1), x.dtype)
         loads, bal = [], []
         for layer in m.layers:
@@ -336,11 +337,16 @@ class Model(nn.Module):
             shifted = torch.roll(input_ids, -k, dims=1)  # token i+k at position i (last k wrap: ignored)
             tgt = torch.roll(targets, -k, dims=1)
             tgt[:, T - k:] = IGNORE_INDEX
-            h, normed, load, loss = layer(m.embed_tokens(shifted), h, m.rotary, cos, sin, want_loss=True)
+            h, normed, load, loss = layer(self.embed(shifted), h, m.rotary, cos, sin, want_loss=True)
             self._collect(load, loss, loads, bal)
             logits = self.readout(normed)
             losses.append(cross_entropy(logits, tgt))
         return torch.stack(losses).mean()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 token embeddings (B, T, H), times config.embedding_multiplier."""
+        x = self.model.embed_tokens(input_ids)
+        return x if self.config.embedding_multiplier == 1.0 else x * self.config.embedding_multiplier
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """(..., H) -> logits (..., V); muP's 1/m output multiplier acts here (1 under SP)."""

@@ -38,6 +38,7 @@ class TrainConfig:
     mup_base_width: int | None = _f(None, "turn muP on with this base width (hyperparameters tuned at that width "
                                           "transfer); None: standard parametrization")
     initializer_range: float | None = _f(None, "override the init std (sigma of the init table)")
+    embedding_multiplier: float | None = _f(None, "override the input-embedding multiplier (muP's alpha_emb)")
     num_hidden_layers: int | None = _f(None, "override the model's num_hidden_layers")
     mtp_loss_weight: float | None = _f(None, "override lambda of the MTP loss (0 turns MTP training off)")
     router_balance: str | None = _f(None, f"override MoE balancing, one of {ROUTER_BALANCE}")
@@ -137,7 +138,7 @@ class TrainConfig:
             cfg = cfg.with_width(self.hidden_size)
         overrides = {k: getattr(self, k) for k in ("num_hidden_layers", "mtp_loss_weight", "router_balance",
                                                      "aux_loss_alpha", "vocab_size", "mup_base_width",
-                                                     "initializer_range")}
+                                                     "initializer_range", "embedding_multiplier")}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "num_hidden_layers" in overrides and cfg.first_k_dense_replace > overrides["num_hidden_layers"]:
             overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
