@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from nanoseek import ModelConfig
+import torch
+
+from nanoseek import Model, ModelConfig
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}
@@ -24,3 +26,18 @@ def gpt2(**kw) -> ModelConfig:
                 intermediate_size=128, hidden_act="gelu_new", rms_norm_eps=1e-5, initializer_range=0.02,
                 tie_word_embeddings=True, max_position_embeddings=64)
     return ModelConfig(**{**base, **kw})
+
+
+def make_model(cfg: ModelConfig, dtype=torch.float32, seed: int = 0, std: float = 0.2) -> Model:
+    """Weights larger than the default init, so that attention is far from uniform and routing varies; eval mode."""
+    torch.manual_seed(seed)
+    model = Model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model.to(dtype).eval()
+
+
+def tokens(B: int, T: int, seed: int = 0, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nanoseek import KVCache, Model, ModelConfig
+from nanoseek import KVCache, ModelConfig
 from nanoseek.model import attention as attn_mod
 from nanoseek.model.attention import MLA
 from nanoseek.model.layers import Rotary, rope_frequencies, softmax_scale, yarn_mscale
@@ -15,6 +15,8 @@ from tests import tiny
 from tests.tiny import (
     YARN,
     ds,  # noqa: F401
+    make_model,
+    tokens,
 )
 
 V = 64
@@ -32,21 +34,6 @@ CONFIGS = {
     "deepseek_v3": ds,
     "deepseek_v3-yarn-noq": lambda: ds(q_lora_rank=None, rope_parameters=dict(YARN)),
 }
-
-
-def make_model(cfg: ModelConfig, dtype=torch.float32, seed: int = 0, std: float = 0.2) -> Model:
-    """Weights larger than the default init, so that attention is far from uniform and routing varies."""
-    torch.manual_seed(seed)
-    model = Model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-    return model.to(dtype).eval()
-
-
-def tokens(B, T, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------- causality

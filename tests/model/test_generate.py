@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoseek import Model, ModelConfig
+from nanoseek import ModelConfig
 from nanoseek.model import sample
 from nanoseek.model.transformer import IGNORE_INDEX, DecoderLayer
 from tests import tiny
+from tests.tiny import make_model, tokens
 
 V = 64
 
@@ -25,20 +26,6 @@ def gpt2(**kw) -> ModelConfig:
 
 
 CONFIGS = {"gpt2": gpt2, "deepseek_v3": ds}
-
-
-def make_model(cfg: ModelConfig, dtype=torch.float32, seed: int = 0, std: float = 0.2) -> Model:
-    torch.manual_seed(seed)
-    model = Model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-    return model.to(dtype).eval()
-
-
-def tokens(B, T, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy_reference(model, x, n):
