@@ -11,19 +11,15 @@ from nanoseek import Model, ModelConfig
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.layers import activation
 from nanoseek.model.moe import Experts, Gate, MoE, _padded_grouped_mm, grouped_mm
+from tests import tiny
 from tests.tiny import ds  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(cfg: ModelConfig, seed: int = 0, std: float = 0.2) -> Model:
-    torch.manual_seed(seed)
-    model = Model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-    return model
+    """tiny.make_model's larger weights, left in training mode (routing statistics accumulate there)."""
+    return tiny.make_model(cfg, seed=seed, std=std).train()
 
 
 def make_gate(cfg: ModelConfig, seed: int = 0) -> Gate:
