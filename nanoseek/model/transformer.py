@@ -274,9 +274,9 @@ class Model(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         want_loss = targets is not None
         if self.config.model_type == "gpt2":
-            hidden, loads, bal = self._gpt2_trunk(input_ids, positions, cache), [], []
+            hidden, loads, bal, rope = self._gpt2_trunk(input_ids, positions, cache), [], [], None
         else:
-            hidden, loads, bal = self._deepseek_trunk(input_ids, positions, cache, want_loss, absorb)
+            hidden, loads, bal, rope = self._deepseek_trunk(input_ids, positions, cache, want_loss, absorb)
         if cache is not None:
             cache.end()
         final = self.transformer.ln_f(hidden) if self.config.model_type == "gpt2" else self.model.norm(hidden)
@@ -287,7 +287,7 @@ class Model(nn.Module):
         main_loss = cross_entropy(logits, targets)
         loss, mtp_loss = main_loss, None
         if self.config.model_type == "deepseek_v3" and len(self.mtp) and self.config.mtp_loss_weight > 0:
-            mtp_loss = self._mtp_loss(input_ids, targets, hidden, positions, loads, bal)
+            mtp_loss = self._mtp_loss(input_ids, targets, hidden, rope, loads, bal)
             loss = loss + self.config.mtp_loss_weight * mtp_loss
         balance = torch.stack(bal).sum() if bal else None
         if balance is not None:
@@ -316,7 +316,7 @@ class Model(nn.Module):
         for layer in m.layers:
             x, load, loss = layer(x, m.rotary, cos, sin, cache, want_loss, absorb)
             self._collect(load, loss, loads, bal)
-        return x, loads, bal
+        return x, loads, bal, (cos, sin)
 
     @staticmethod
     def _collect(load, loss, loads, bal):
@@ -328,10 +328,10 @@ class Model(nn.Module):
     def _stack_loads(self, loads):
         return torch.stack(loads).float() if loads else None
 
-    def _mtp_loss(self, input_ids, targets, hidden, positions, loads, bal):
+    def _mtp_loss(self, input_ids, targets, hidden, rope, loads, bal):
         """Mean over depths k of CE(predict t_{i+k+1} from h^{k-1}_i and emb(t_{i+k}))."""
         m, T = self.model, input_ids.shape[1]
-        cos, sin = m.rotary(positions.expand(input_ids.shape[0], -1), hidden.dtype)
+        cos, sin = rope  # the main trunk's tables: same positions, same dtype
         h, losses = hidden, []
         for k, layer in enumerate(self.mtp, start=1):
             shifted = torch.roll(input_ids, -k, dims=1)  # token i+k at position i (last k wrap: ignored)
