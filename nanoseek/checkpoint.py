@@ -45,6 +45,13 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 # ---------------------------------------------------------------------------------------------- mapping
+def input_embedding_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """State-dict keys of the input embeddings: the token table first (also the tied head), then GPT-2's wpe."""
+    if cfg.model_type == "gpt2":
+        return "transformer.wte.weight", "transformer.wpe.weight"
+    return ("model.embed_tokens.weight",)
+
+
 def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The on-disk (HF) state dict of a nanoseek Model: contiguous tensors sharing no storage.
 
@@ -54,7 +61,7 @@ def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     L = cfg.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     sd = dict(model.state_dict() if sd is None else sd)
-    embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
+    embed_key, *_ = input_embedding_keys(cfg)
     if cfg.tie_word_embeddings:  # a gathered state dict may hold a tied weight under one of its names only
         sd.setdefault(embed_key, sd.get("lm_head.weight"))
         sd.setdefault("lm_head.weight", sd[embed_key])
@@ -80,7 +87,7 @@ def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     # fold the multipliers so that the file is a standard model: muP's readout 1/m, the embedding multiplier
     mult, alpha = output_multiplier(cfg), cfg.embedding_multiplier
     if alpha != 1.0:
-        for key in (embed_key, "transformer.wpe.weight") if cfg.model_type == "gpt2" else (embed_key,):
+        for key in input_embedding_keys(cfg):
             out[key] = sd[key] * alpha
     if mult != 1.0 or (cfg.tie_word_embeddings and alpha != 1.0):  # the readout then has its own weights
         out["lm_head.weight"] = sd["lm_head.weight"] * mult
@@ -120,10 +127,10 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
         out[f"{prefix}.gate_up_proj"] = torch.stack(
             [torch.cat([per_expert[i]["gate_proj"], per_expert[i]["up_proj"]], dim=0) for i in range(n)])
         out[f"{prefix}.down_proj"] = torch.stack([per_expert[i]["down_proj"] for i in range(n)])
-    embed_key = "transformer.wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
+    embed_key, *_ = input_embedding_keys(cfg)
     alpha = cfg.embedding_multiplier
     if alpha != 1.0:  # unfold the embedding multiplier
-        for key in (embed_key, "transformer.wpe.weight") if cfg.model_type == "gpt2" else (embed_key,):
+        for key in input_embedding_keys(cfg):
             if key in out:
                 out[key] = out[key] / alpha
     if cfg.tie_word_embeddings and embed_key in out:
