@@ -26,6 +26,7 @@ def default_seq_len(cfg: ModelConfig) -> int:
 
 def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     from .model import Model
+    from .model.moe import MoE
 
     seq = seq_len or default_seq_len(cfg)
     model = Model(cfg, device="meta")
@@ -45,7 +46,7 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     head = model.lm_head.weight.numel()
 
     inactive_main = inactive_mtp = 0
-    for name, moe in ((n, m) for n, m in model.named_modules() if type(m).__name__ == "MoE"):
+    for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
         per_expert = (moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()) // cfg.n_routed_experts
         unused = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
         if name.startswith("mtp."):
