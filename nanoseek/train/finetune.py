@@ -2,6 +2,7 @@
 
     nanoseek finetune --base CKPT --data builtin:email --out-dir runs/email            # LoRA r=16, all layers
     nanoseek finetune --base CKPT --data sft.jsonl --out-dir runs/full --full          # full fine-tuning
+    torchrun --nproc-per-node 2 -m nanoseek finetune --base CKPT --data ... --lora-r 8  # data parallel
     python -m nanoseek.train.finetune ...                                               # same, without the CLI
 
 What is reused from the pretraining loop (trainer.py): one optimizer step (`optimizer_step`: grad
@@ -15,7 +16,11 @@ resume: weights, optimizer, loader position, RNG). Differences, and why:
   * LoRA checkpoints are adapter directories (PEFT format) + trainer_state, not model directories; the final
     result is `out_dir/adapter` (LoRA) or `out_dir/model` (full).
   * the router bias is part of the frozen base, so LoRA runs never update it (gamma = 0); full runs do.
-  * single process only for now (no torchrun): the adapter path would need DDP over the adapter parameters.
+  * data parallel under torchrun (`torchrun --nproc-per-node N -m nanoseek finetune ...`): DDP wraps the
+    adapter runner, so only the parameters that train (A/B for LoRA, everything for --full) are all-reduced;
+    rank r takes rows [r*B, (r+1)*B) of each global batch, so N processes with batch B follow one process with
+    batch N*B. Rank 0 alone logs and writes checkpoints; every rank evaluates the same validation batches.
+    (No FSDP: a LoRA run's trained state is tiny, and full fine-tuning uses the models pretraining shards.)
 For a JSONL file without --val-data, every 20th record (index % 20 == 19) is held out for validation.
 
 Rejected: a separate fine-tuning loop (a second copy of step/NaN/clip/resume logic to keep in sync); adding an
@@ -29,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -52,6 +58,7 @@ from ..data.sft import (
 )
 from ..data.tokenizer import Tokenizer
 from ..model import Model
+from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .metrics import MetricsLog, peak_memory_bytes
 from .optim import configure_optimizer, lr_at, set_lr
 from .state import (
@@ -108,7 +115,7 @@ class FinetuneConfig:
     resume: str | None = None
     plots: bool = True
     tensorboard: bool = False
-    fsdp: bool = False  # read by the shared optimizer step; fine-tuning runs in one process
+    fsdp: bool = False  # read by the shared optimizer step; fine-tuning uses DDP only
 
     def __post_init__(self):
         if self.lr is None:
@@ -130,6 +137,7 @@ class AdapterRunner(nn.Module):
     def __init__(self, model: Model, adapter: str | None):
         super().__init__()
         self.model, self.adapter = model, adapter
+        self.config = model.config  # what distributed.wrap_model reads
 
     def forward(self, x, targets=None, **kw):
         return self.model(x, targets=targets, adapter=self.adapter, **kw)
@@ -168,8 +176,15 @@ def sft_loss(runner: AdapterRunner, examples, cfg: FinetuneConfig, device, autoc
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run (or resume) a fine-tuning run; returns a summary dict."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    """Run (or resume) a fine-tuning run; returns a summary dict. Under torchrun, every rank calls this."""
+    d, device = init_distributed(cfg.device)
+    try:
+        return _finetune(cfg, d, device)
+    finally:
+        shutdown_distributed()
+
+
+def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
     out_dir = Path(cfg.out_dir)
     resume_path = resolve_resume(cfg.resume, out_dir) if cfg.resume else None
     if resume_path is None and list_checkpoints(out_dir):
@@ -189,11 +204,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
         name = cfg.adapter_name
         model.add_adapter(name, cfg.lora_config())
         model.trainable_adapter(name)
+    torch.manual_seed(cfg.seed + 1 + d.rank)  # the adapter's init above is the same on every rank; dropout differs
     runner = AdapterRunner(model, name)
+    wrapped = wrap_model(runner, d, device)  # DDP over the parameters that train, for world_size > 1
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     train_ex, val_ex, extra_ex = _data(cfg, tok)
-    loader = SFTLoader(train_ex, cfg.seq_len, cfg.batch_size, seed=cfg.seed, device=device, pack=cfg.pack,
-                       pad_id=tok.pad_id)
+    loader = SFTLoader(train_ex, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                       device=device, pack=cfg.pack, pad_id=tok.pad_id)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.type == "cuda") else contextlib.nullcontext()
 
@@ -209,14 +226,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
             state = json.loads((resume_path / "trainer_state" / "state.json").read_text())
         loader.load_state_dict(state["loader"])
         start_step, metrics_offset = int(state["step"]), int(state["metrics_offset"])
-        set_rng_state(rng)
+        set_rng_state(rng)  # rank 0's state; the other ranks re-seed their dropout streams
+        if d.rank > 0:
+            torch.manual_seed(cfg.seed + 1 + d.rank + start_step)
 
-    log = MetricsLog(out_dir, cfg.max_steps, start_step, cfg.log_every, metrics_offset, cfg.tensorboard)
-    (out_dir / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    log = _RankLog(MetricsLog(out_dir, cfg.max_steps, start_step, cfg.log_every, metrics_offset, cfg.tensorboard)
+                   if d.is_main else None)
+    if d.is_main:
+        (out_dir / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     n_train = sum(p.numel() for p in {id(p): p for g in optimizer.param_groups for p in g["params"]}.values())
     n_all = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     log.print(f"nanoseek finetune ({'full' if cfg.full else f'LoRA r={cfg.r}'}): {n_train / 1e6:.3f}M of "
-              f"{n_all / 1e6:.2f}M params trained on {device}, {len(train_ex)} train / {len(val_ex)} val examples, "
+              f"{n_all / 1e6:.2f}M params trained on {d.world_size} rank(s) on {device}, "
+              f"{len(train_ex)} train / {len(val_ex)} val examples, "
               + (f"resuming from {resume_path} at step {start_step}" if resume_path else "fresh start"))
 
     def evaluate_all(step: int) -> dict:
@@ -228,16 +250,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     summary: dict = {"start_step": start_step}
     if start_step == 0:
         summary["initial"] = evaluate_all(0)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
     bias_stop = math.ceil(cfg.max_steps * 0.9)
-    single = _Single()
     model.train()
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_frac)
         set_lr(optimizer, lr)
         gamma = cfg.bias_update_gamma if cfg.full and step < bias_stop else 0.0  # LoRA: the base stays frozen
-        parts, grad_norm, _ = optimizer_step(cfg, single, model, runner, optimizer, loader, autocast, device,
+        parts, grad_norm, _ = optimizer_step(cfg, d, model, wrapped, optimizer, loader, autocast, device,
                                               step, gamma, 0)
         dt = time.perf_counter() - t0
         n = step + 1
@@ -248,34 +269,35 @@ def finetune(cfg: FinetuneConfig) -> dict:
         last = n == cfg.max_steps
         if last or (cfg.eval_every and n % cfg.eval_every == 0):
             summary.update(evaluate_all(n))
-            if cfg.plots:
+            if cfg.plots and d.is_main:
                 from .plots import plot_run
 
                 plot_run(out_dir)
         if last or (cfg.save_every and n % cfg.save_every == 0):
             state = {"step": n, "loader": loader.state_dict(), "metrics_offset": log.offset(),
-                     "world_size": 1, "finetune_config": dataclasses.asdict(cfg)}
-            _save(cfg, model, name, tok, optimizer, state, n)
+                     "world_size": d.world_size, "finetune_config": dataclasses.asdict(cfg)}
+            if d.is_main:
+                _save(cfg, model, name, tok, optimizer, state, n)
+            d.barrier()  # nobody runs ahead of a half-written checkpoint
     log.close()
-    if cfg.full:
-        model.save_pretrained(out_dir / "model", tokenizer=tok, extra=add_chat_template)
-        summary["output"] = str(out_dir / "model")
-    else:
-        model.save_adapter(out_dir / "adapter", name, base_model_name_or_path=str(cfg.base))
-        summary["output"] = str(out_dir / "adapter")
+    summary["output"] = str(out_dir / ("model" if cfg.full else "adapter"))
+    if d.is_main:
+        if cfg.full:
+            model.save_pretrained(out_dir / "model", tokenizer=tok, extra=add_chat_template)
+        else:
+            model.save_adapter(out_dir / "adapter", name, base_model_name_or_path=str(cfg.base))
+    d.barrier()
     return summary
 
 
-class _Single:
-    """The one-process stand-in for trainer.Dist that optimizer_step needs."""
+class _RankLog:
+    """MetricsLog on rank 0; the other ranks' writes and prints go nowhere."""
 
-    enabled, is_main, rank, world_size = False, True, 0, 1
+    def __init__(self, log: MetricsLog | None):
+        self.log = log
 
-    def all_reduce_mean_(self, t):
-        return t
-
-    def all_reduce_sum_(self, t):
-        return t
+    def __getattr__(self, name):
+        return getattr(self.log, name) if self.log is not None else (lambda *a, **k: None)
 
 
 def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, state: dict, step: int) -> Path:
@@ -325,14 +347,18 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, required=True)
         else:
             kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=f.default)
+            # the rank is --lora-r (--r also works, but not after torchrun, which reads it as its own --r...)
+            flags = ("--lora-r", "--r") if f.name == "r" else (flag,)
+            p.add_argument(*flags, dest=f.name, type=kind, default=f.default,
+                           help="LoRA rank" if f.name == "r" else None)
 
 
 def _run(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
     summary = finetune(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "initial"} | {"initial": summary.get("initial")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints the one summary line
+        print(json.dumps({k: v for k, v in summary.items() if k != "initial"} | {"initial": summary.get("initial")}))
     return 0
 
 

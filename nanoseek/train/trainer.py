@@ -1,7 +1,8 @@
 """The pretraining loop: data -> model -> AdamW step -> router bias update -> metrics, evals, checkpoints.
 
 One optimizer step (all ranks in lockstep):
-    lr = lr_at(step); for each of grad_accum micro-batches: forward, (loss / grad_accum).backward()
+    lr = lr_at(step); for each of grad_accum micro-batches: forward, (loss * w_i).backward()
+        (w_i = this micro-batch's share of the global batch's target tokens; 1 / grad_accum when packed)
     all-reduce the loss parts (global mean); stop on NaN/inf before touching the weights
     clip the global grad norm; optimizer.step(); all-reduce(SUM) the step's expert loads;
     update_router_bias(gamma)  (gamma = 0 for the last bias_update_stop_frac of steps, as in V3)
@@ -200,8 +201,9 @@ def optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader,
     """
     parts = torch.zeros(len(LOSS_PARTS), dtype=torch.float32, device=device)  # (4,) step means
     zero = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum):
-        x, y = loader.next_batch()  # (B, T) each
+    batches = [loader.next_batch() for _ in range(cfg.grad_accum)]  # [(x, y) of (B, T)] this rank's micro-batches
+    weights = _micro_weights([y for _, y in batches], d)
+    for micro, (x, y) in enumerate(batches):
         sync = contextlib.nullcontext()
         if d.enabled and not cfg.fsdp and micro < cfg.grad_accum - 1:
             sync = wrapped.no_sync()  # all-reduce gradients only on the last micro-batch
@@ -210,9 +212,9 @@ def optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader,
                 out = wrapped(x, targets=y)
             if nan_step == step + 1:  # test hook
                 out.main_loss, out.loss = out.main_loss * float("nan"), out.loss * float("nan")
-            (out.loss / cfg.grad_accum).backward()
+            (out.loss * weights[micro]).backward()
         vals = [out.loss, out.main_loss, out.mtp_loss, out.balance_loss]
-        parts += torch.stack([(zero if v is None else v.detach().float()) for v in vals]) / cfg.grad_accum
+        parts += torch.stack([(zero if v is None else v.detach().float()) for v in vals]) * weights[micro]
     d.all_reduce_mean_(parts)
     parts_cpu = parts.tolist()
     bad = [n for n, v in zip(LOSS_PARTS, parts_cpu) if not math.isfinite(v)]
@@ -235,6 +237,20 @@ def optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader,
         load = load.detach().cpu().clone()
     model.update_router_bias(gamma)  # consumes and resets expert_load_accum
     return parts_cpu, grad_norm, load
+
+
+def _micro_weights(targets: list[torch.Tensor], d: Dist) -> list[float]:
+    """Weight of each micro-batch's mean loss so that the step's gradient (after DDP's mean over ranks) is the
+    gradient of the mean over *every target token of the global batch*: w_i = n_i * world_size / N, with n_i
+    the targets (labels != -100) of micro-batch i and N their sum over micro-batches and ranks. Packed
+    pretraining batches all hold B*T targets, so w_i = 1 / grad_accum; SFT batches hold different numbers of
+    completion tokens, and a plain mean of means would weight a token by its micro-batch's (or rank's) size.
+    """
+    counts = torch.tensor([float((y != -100).sum()) for y in targets], dtype=torch.float64)
+    total = d.all_reduce_sum_(counts.sum().to(targets[0].device)).item() if d.enabled else float(counts.sum())
+    if total == 0:  # no targets anywhere (cannot come from the loaders): the plain mean, loss 0 and no gradient
+        return [1.0 / len(targets)] * len(targets)
+    return [float(n) * d.world_size / total for n in counts]
 
 
 def _save(cfg: TrainConfig, d: Dist, model, tok, optimizer, loader, step: int, log: MetricsLog | None) -> None:

@@ -1,7 +1,10 @@
 """nanoseek.train.finetune: LoRA and full fine-tuning through the shared optimizer step; exact resume."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,3 +82,50 @@ def test_cli_entry_point(base, tmp_path, capsys):
                  "--target-modules", "o_proj,experts", "--eval-every", "0", "--save-every", "0"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 2 and out["output"].endswith("adapter")
+
+
+def _launch(nproc: int, base, out, *flags: str) -> list[dict]:
+    """`nanoseek finetune` on nproc processes (torchrun, gloo on CPU); returns metrics.jsonl's records."""
+    from .conftest import REPO
+    from .test_distributed import torchrun
+
+    args = ["--base", str(base / "base"), "--data", str(base / "sft.jsonl"), "--out-dir", str(out),
+            "--lora-r", "4", "--max-steps", "4", "--seq-len", "24", "--warmup-steps", "0", "--eval-every", "2",
+            "--eval-batches", "2", "--save-every", "4", "--no-plots", "--lr", "3e-3", "--log-every", "1"]
+    args += list(flags)
+    cmd = (torchrun() + ["--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]) + [
+        "-m", "nanoseek", "finetune", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert len([line for line in r.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 prints the summary
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_two_processes_ddp_match_one(base, tmp_path, full):
+    """DDP: 2 processes x batch 2 follow 1 process x batch 4 (same global batch), loss for loss; rank 0 alone
+    writes the adapter / model."""
+    extra = ["--full"] if full else []
+    one = _launch(1, base, tmp_path / "one", "--batch-size", "4", *extra)
+    two = _launch(2, base, tmp_path / "two", "--batch-size", "2", *extra)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    out = "model/model.safetensors" if full else "adapter/adapter_model.safetensors"
+    w1, w2 = load_file(tmp_path / "one" / out), load_file(tmp_path / "two" / out)
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+def test_grad_accum_weights_tokens_like_one_batch(base, tmp_path):
+    """2 micro-batches of 2 follow 1 batch of 4 although their completion-token counts differ: every target
+    token of the step weighs the same (a mean of per-micro-batch means would not)."""
+    def curve(out, **kw):
+        finetune(_cfg(base, out, eval_every=0, save_every=0, **kw))
+        return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    one = curve(tmp_path / "one", batch_size=4)
+    two = curve(tmp_path / "two", batch_size=2, grad_accum=2)
+    assert two == pytest.approx(one, rel=1e-5)
