@@ -227,20 +227,30 @@ def _load_text_file(path: Path) -> list[tuple[str, str, str, str]]:
     return [(f"{path.name}#{i:0{width}d}", c, path.stem, f"{path.name}#{i}") for i, c in enumerate(chunks)]
 
 
+def read_jsonl_objects(path: str | os.PathLike, errors: str = "strict") -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; errors name the file and line.
+    `errors` is the UTF-8 decoding policy ("replace" for corpora: a stray byte should not stop a run)."""
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            out.append((lineno, obj))
+    return out
+
+
 def _load_jsonl(path: Path, text_field: str) -> list[tuple[str, str, str, str]]:
     named = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = list(f)
-    width = max(6, len(str(len(lines))))
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    objects = read_jsonl_objects(path, errors="replace")
+    width = max(6, len(str(objects[-1][0] if objects else 0)))
+    for lineno, obj in objects:
         if text_field not in obj:
             raise ValueError(
                 f"{path}:{lineno}: object has no field {text_field!r} "

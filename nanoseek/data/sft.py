@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import Corpus, load_corpus
+from .corpus import Corpus, load_corpus, read_jsonl_objects
 from .tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -112,16 +112,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            segments(rec, f"{path}:{lineno}")
-            records.append(rec)
+    for lineno, rec in read_jsonl_objects(path):
+        segments(rec, f"{path}:{lineno}")
+        records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records")
     return records
