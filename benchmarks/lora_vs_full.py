@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -47,12 +48,28 @@ def run(base: str, task: str, full: bool, r: int, lr: float, a, tmp: Path) -> di
             "seconds": time.perf_counter() - t0}
 
 
+def fitted_best_lr(points: list[tuple[float, float]]) -> float | None:
+    """The minimum of the parabola through the grid's best point and its two neighbours, in log(lr): a finer
+    estimate of the best learning rate than the grid point. None when the best point is at an edge of the grid."""
+    pts = sorted(points)
+    i = min(range(len(pts)), key=lambda j: pts[j][1])
+    if i == 0 or i == len(pts) - 1:
+        return None
+    (x0, y0), (x1, y1), (x2, y2) = [(math.log(p), v) for p, v in pts[i - 1:i + 2]]
+    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
+    if a <= 0:
+        return math.exp(x1)
+    return math.exp(min(max(-b / (2 * a), x0), x2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="a nanoseek/HF checkpoint directory with tokenizer.json")
     ap.add_argument("--task", default="builtin:email")
-    ap.add_argument("--full-lrs", type=_floats, default=_floats("1e-4,3e-4,1e-3,3e-3"))
-    ap.add_argument("--lora-lrs", type=_floats, default=_floats("3e-4,1e-3,3e-3,1e-2,3e-2"))
+    ap.add_argument("--full-lrs", type=_floats, default=_floats("5e-5,1e-4,2e-4,5e-4,1e-3,2e-3"))
+    ap.add_argument("--lora-lrs", type=_floats, default=_floats("2e-4,5e-4,1e-3,2e-3,5e-3,1e-2,2e-2"))
     ap.add_argument("--ranks", default="1,8,64")
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--steps", type=int, default=40)
@@ -61,19 +78,36 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="lora_vs_full.png")
+    ap.add_argument("--rows", default="lora_vs_full.rows.jsonl",
+                    help="finished runs are appended here and reused by a rerun with the same settings ('' = off)")
     a = ap.parse_args()
     ranks = [int(r) for r in a.ranks.split(",") if r]
+    # every finished run is appended to --rows (JSONL) at once and reused by a rerun with the same settings:
+    # a sweep that is interrupted loses at most the run in progress
+    key = {"base": str(a.base), "task": a.task, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len,
+           "alpha": a.alpha, "seed": a.seed, "eval_batches": a.eval_batches}
+    done = {}
+    if a.rows and Path(a.rows).is_file():
+        for line in Path(a.rows).read_text().splitlines():
+            x = json.loads(line)
+            if x.get("key") == key:
+                done[(x["method"], x["lr"])] = x
+    plan = [(True, 1, lr) for lr in a.full_lrs] + [(False, r, lr) for r in ranks for lr in a.lora_lrs]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for lr in a.full_lrs:
-            rows.append(run(a.base, a.task, True, 1, lr, a, Path(tmp)))
+        for full, r, lr in plan:
+            method = "full" if full else f"lora r={r}"
+            if (method, lr) in done:
+                rows.append(done[(method, lr)])
+                continue
+            rows.append(run(a.base, a.task, full, r, lr, a, Path(tmp)) | {"key": key})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        for r in ranks:
-            for lr in a.lora_lrs:
-                rows.append(run(a.base, a.task, False, r, lr, a, Path(tmp)))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if a.rows:
+                with open(a.rows, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
     methods = ["full"] + [f"lora r={r}" for r in ranks]
     best = {m: min((x for x in rows if x["method"] == m), key=lambda x: x["val_loss"]) for m in methods}
+    fit = {m: fitted_best_lr([(x["lr"], x["val_loss"]) for x in rows if x["method"] == m]) for m in methods}
     print(f"base {a.base}  task {a.task}  {a.steps} steps x {a.batch} x {a.seq_len}  host {platform.machine()}  "
           f"initial val loss {rows[0]['initial_val_loss']:.4f}")
     print(f"{'method':<12} " + " ".join(f"{lr:>9g}" for lr in sorted({x['lr'] for x in rows})))
@@ -82,9 +116,13 @@ def main() -> None:
         print(f"{m:<12} " + " ".join(f"{by_lr[lr]:>9.4f}" if lr in by_lr else f"{'':>9}"
                                      for lr in sorted({x['lr'] for x in rows})))
     ratios = {m: best[m]["lr"] / best["full"]["lr"] for m in methods[1:]}
+    fit_ratios = {m: fit[m] / fit["full"] for m in methods[1:] if fit[m] and fit["full"]}
     for m in methods:
         extra = f"   best LR / best full LR = {ratios[m]:g}" if m in ratios else ""
-        print(f"best {m:<12} val loss {best[m]['val_loss']:.4f} at lr {best[m]['lr']:g}{extra}")
+        if m in fit_ratios:
+            extra += f" (parabola fit: {fit_ratios[m]:.2f})"
+        f = f"{fit[m]:.3g}" if fit[m] else "at the grid's edge: extend the grid"
+        print(f"best {m:<12} val loss {best[m]['val_loss']:.4f} at lr {best[m]['lr']:g} (fit {f}){extra}")
     try:
         import matplotlib
 
@@ -105,7 +143,8 @@ def main() -> None:
         pass
     print(json.dumps({"benchmark": "lora_vs_full", "task": a.task, "steps": a.steps,
                       "best": {m: {"lr": best[m]["lr"], "val_loss": best[m]["val_loss"]} for m in methods},
-                      "lora_lr_over_full_lr": ratios, "rows": rows}))
+                      "fitted_best_lr": fit, "lora_lr_over_full_lr": ratios,
+                      "lora_lr_over_full_lr_fitted": fit_ratios, "rows": rows}))
 
 
 if __name__ == "__main__":
