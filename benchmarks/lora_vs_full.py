@@ -48,6 +48,17 @@ def run(base: str, task: str, full: bool, r: int, lr: float, a, tmp: Path) -> di
             "seconds": time.perf_counter() - t0}
 
 
+def _finished(rows_file: str, key: dict) -> dict:
+    """(method, lr) -> row of the runs with these settings already in the rows file."""
+    done = {}
+    if rows_file and Path(rows_file).is_file():
+        for line in Path(rows_file).read_text().splitlines():
+            x = json.loads(line)
+            if x.get("key") == key:
+                done[(x["method"], x["lr"])] = x
+    return done
+
+
 def fitted_best_lr(points: list[tuple[float, float]]) -> float | None:
     """The minimum of the parabola through the grid's best point and its two neighbours, in log(lr): a finer
     estimate of the best learning rate than the grid point. None when the best point is at an edge of the grid."""
@@ -80,31 +91,33 @@ def main() -> None:
     ap.add_argument("--plot", default="lora_vs_full.png")
     ap.add_argument("--rows", default="lora_vs_full.rows.jsonl",
                     help="finished runs are appended here and reused by a rerun with the same settings ('' = off)")
+    ap.add_argument("--reverse", action="store_true",
+                    help="run the grid from its end: a second process on the same --rows file splits the work")
     a = ap.parse_args()
     ranks = [int(r) for r in a.ranks.split(",") if r]
+    mine: dict = {}  # this process's rows when there is no rows file
     # every finished run is appended to --rows (JSONL) at once and reused by a rerun with the same settings:
-    # a sweep that is interrupted loses at most the run in progress
+    # a sweep that is interrupted loses at most the run in progress. The file is re-read before each run, so
+    # a second process on the same file with --reverse works from the other end and they meet in the middle.
     key = {"base": str(a.base), "task": a.task, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len,
            "alpha": a.alpha, "seed": a.seed, "eval_batches": a.eval_batches}
-    done = {}
-    if a.rows and Path(a.rows).is_file():
-        for line in Path(a.rows).read_text().splitlines():
-            x = json.loads(line)
-            if x.get("key") == key:
-                done[(x["method"], x["lr"])] = x
-    plan = [(True, 1, lr) for lr in a.full_lrs] + [(False, r, lr) for r in ranks for lr in a.lora_lrs]
-    rows = []
+    plan = [("full", 1, lr) for lr in a.full_lrs] + [(f"lora r={r}", r, lr) for r in ranks for lr in a.lora_lrs]
     with tempfile.TemporaryDirectory() as tmp:
-        for full, r, lr in plan:
-            method = "full" if full else f"lora r={r}"
-            if (method, lr) in done:
-                rows.append(done[(method, lr)])
+        for method, r, lr in (reversed(plan) if a.reverse else plan):
+            if (method, lr) in _finished(a.rows, key):
                 continue
-            rows.append(run(a.base, a.task, full, r, lr, a, Path(tmp)) | {"key": key})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            row = run(a.base, a.task, method == "full", r, lr, a, Path(tmp)) | {"key": key}
+            print(json.dumps(row), file=sys.stderr, flush=True)
             if a.rows:
                 with open(a.rows, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
+                    f.write(json.dumps(row) + "\n")
+            else:
+                mine[(method, lr)] = row
+    done = {**_finished(a.rows, key), **mine}
+    missing = [f"{m} lr={lr:g}" for m, _, lr in plan if (m, lr) not in done]
+    if missing:
+        sys.exit(f"not finished yet (another process?): {', '.join(missing)}")
+    rows = [done[(m, lr)] for m, _, lr in plan]
     methods = ["full"] + [f"lora r={r}" for r in ranks]
     best = {m: min((x for x in rows if x["method"] == m), key=lambda x: x["val_loss"]) for m in methods}
     fit = {m: fitted_best_lr([(x["lr"], x["val_loss"]) for x in rows if x["method"] == m]) for m in methods}

@@ -20,7 +20,7 @@ resume: weights, optimizer, loader position, RNG). Differences, and why:
     adapter runner, so only the parameters that train (A/B for LoRA, everything for --full) are all-reduced;
     rank r takes rows [r*B, (r+1)*B) of each global batch, so N processes with batch B follow one process with
     batch N*B. Rank 0 alone logs and writes checkpoints; every rank evaluates the same validation batches.
-    (No FSDP: a LoRA run's trained state is tiny, and full fine-tuning uses the models pretraining shards.)
+    No FSDP yet: a LoRA run's trained state is tiny; full fine-tuning of a model too big for one device needs it.
 For a JSONL file without --val-data, every 20th record (index % 20 == 19) is held out for validation.
 
 Rejected: a separate fine-tuning loop (a second copy of step/NaN/clip/resume logic to keep in sync); adding an
