@@ -536,6 +536,14 @@ def unmerge_adapter(model, name: str) -> None:
     merge_adapter(model, name, sign=-1.0)
 
 
+def merge_and_unload(model, name: str) -> None:
+    """Fold adapter `name` into the weights for good and remove it: the model becomes a new plain base (what
+    peft's merge_and_unload gives). Other adapters stay, now on top of the new weights."""
+    merge_adapter(model, name)
+    model.lora_context.merged = None
+    delete_adapter(model, name)
+
+
 # ---------------------------------------------------------------------------------------------- state dict
 def drop_lora_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
     """state-dict hook: adapters are saved with save_adapter, never in the base checkpoint."""

@@ -182,6 +182,22 @@ def test_merge_equals_unmerged_and_unmerge_restores(arch):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_merge_and_unload_makes_a_new_base(arch):
+    m = make(arch)
+    x = tokens(m.config.vocab_size)
+    m.add_adapter("a", rand_cfg(target_modules="all-linear"))
+    m.add_adapter("b", rand_cfg())
+    with torch.no_grad():
+        want = m(x, adapter="a")
+        m.merge_and_unload("a")
+        assert maxdiff(m(x), want) < TOL
+        assert "a" not in m.lora_context.configs and not any(".a." in k or k.endswith(".a") for k in m.state_dict())
+        with pytest.raises(ValueError, match="unknown adapter"):
+            m(x, adapter="a")
+        assert maxdiff(m(x, adapter="b"), m(x)) > 1e-3  # the other adapter still runs, on the new weights
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_only_adapter_gets_gradients(arch):
     m = make(arch).train()
     m.add_adapter("a", LoraConfig(r=4, target_modules="all-linear"))  # default init: B = 0

@@ -192,6 +192,10 @@ class Model(nn.Module):
     def unmerge_adapter(self, name: str) -> None:
         lora.unmerge_adapter(self, name)
 
+    def merge_and_unload(self, name: str) -> None:
+        """Fold adapter `name` into the weights for good and remove it (a new plain base)."""
+        lora.merge_and_unload(self, name)
+
     def save_adapter(self, path, name: str, base_model_name_or_path: str | None = None):
         """Write adapter `name` as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
         return lora.save_adapter(self, path, name, base_model_name_or_path)

@@ -1,4 +1,8 @@
-"""`nanoseek pretrain | generate | eval | experts`: the training room's subcommands (registered by cli.py).
+"""`nanoseek pretrain | generate | eval | experts | merge`: the training room's subcommands (cli.py registers them).
+
+`generate`, `eval` and `experts` take `--adapter DIR` (a PEFT LoRA directory): the adapter is loaded and merged
+into the base weights (W + gamma B A, exact up to rounding), so every code path runs it unchanged. `merge`
+writes that merged model as a plain checkpoint (what peft calls merge_and_unload).
 
 `pretrain` exposes every TrainConfig field as a flag (`batch_size` -> `--batch-size`); a `--config` JSON/YAML
 file supplies field values first and flags given on the command line override it. Each command function
@@ -28,7 +32,7 @@ def _optional(kind):
 
 
 def add_commands(subparsers) -> None:
-    """Register pretrain, generate, eval and experts on cli.py's subparsers."""
+    """Register pretrain, generate, eval, experts and merge on cli.py's subparsers."""
     from .config import TrainConfig
 
     p = subparsers.add_parser("pretrain", help="pretrain a model (torchrun for several processes)",
@@ -60,6 +64,7 @@ def add_commands(subparsers) -> None:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--adapter", default=None, help="a PEFT LoRA directory to run on top of the checkpoint")
     g.set_defaults(func=_generate)
 
     e = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
@@ -75,6 +80,17 @@ def add_commands(subparsers) -> None:
     x.add_argument("--max-domains", type=int, default=24, help="largest N domains (by val documents) to show")
     x.set_defaults(func=_experts)
 
+    m = subparsers.add_parser("merge", help="fold a LoRA adapter into its base: a plain checkpoint out",
+                              description="Load CHECKPOINT, load the PEFT LoRA directory ADAPTER, fold it into "
+                                          "the weights (W + gamma B A) and write a full checkpoint (HF format, "
+                                          "with the tokenizer) that needs no adapter.")
+    m.add_argument("--checkpoint", required=True, help="the base checkpoint directory")
+    m.add_argument("--adapter", required=True, help="a PEFT LoRA directory trained on that base")
+    m.add_argument("--out", required=True, help="output directory (must not exist)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype on disk (default: the base's)")
+    m.set_defaults(func=_merge)
+
 
 def _eval_args(p) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
@@ -82,6 +98,7 @@ def _eval_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
     p.add_argument("--cache-dir", default=None, help="token cache directory")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA directory to run on top of the checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
@@ -118,12 +135,16 @@ def _device(name: str):
                         ("cpu" if name == "auto" else name))
 
 
-def _load(checkpoint: str, device: str):
+def _load(checkpoint: str, device: str, adapter: str | None = None):
+    """(model in eval mode, tokenizer, the saved TrainConfig dict); `adapter` is loaded and merged."""
     from ..data import Tokenizer
     from ..model import Model
 
     path = Path(checkpoint)
     model = Model.from_pretrained(path, device=_device(device))
+    if adapter is not None:
+        model.load_adapter(adapter, "adapter")
+        model.merge_adapter("adapter")
     model.eval()
     return model, Tokenizer.load(path), _saved_train_config(path)
 
@@ -136,7 +157,7 @@ def _saved_train_config(path: Path) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    model, tok, _ = _load(args.checkpoint, args.device)
+    model, tok, _ = _load(args.checkpoint, args.device, args.adapter)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt must not be empty")
@@ -159,11 +180,12 @@ def _eval_data(args, tok, saved: dict):
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    model, tok, saved = _load(args.checkpoint, args.device)
+    model, tok, saved = _load(args.checkpoint, args.device, args.adapter)
     data, corpus, val, seq_len = _eval_data(args, tok, saved)
     res = evaluate(model, val, seq_len, args.batch_size, args.eval_batches, next(model.parameters()).device,
                    corpus.num_bytes("val"))
-    res = {"checkpoint": str(args.checkpoint), "data": data, "seq_len": seq_len, **res,
+    res = {"checkpoint": str(args.checkpoint), **({"adapter": args.adapter} if args.adapter else {}),
+           "data": data, "seq_len": seq_len, **res,
            "val_unigram_byte_entropy": corpus.unigram_byte_entropy("val")}
     width = max(map(len, res))
     for k, v in res.items():
@@ -177,7 +199,7 @@ def _experts(args: argparse.Namespace) -> int:
 
     from .evaluate import expert_routing_by_domain
 
-    model, tok, saved = _load(args.checkpoint, args.device)
+    model, tok, saved = _load(args.checkpoint, args.device, args.adapter)
     data, corpus, _, seq_len = _eval_data(args, tok, saved)
     frac = expert_routing_by_domain(model, corpus, tok, seq_len, args.max_tokens_per_domain,
                                     next(model.parameters()).device)
@@ -196,6 +218,23 @@ def _experts(args: argparse.Namespace) -> int:
     _plot_experts(arr, domains, out / "experts.png")
     print(json.dumps({"domains": len(domains), "moe_layers": arr.shape[1], "experts": arr.shape[2],
                       "png": str(out / "experts.png"), "json": str(out / "experts.json")}))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data.sft import add_chat_template
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists")
+    model, tok, _ = _load(args.checkpoint, "cpu")
+    model.load_adapter(args.adapter, "adapter")
+    model.merge_and_unload("adapter")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model.save_pretrained(out, dtype=dtype, tokenizer=tok, extra=add_chat_template)
+    print(json.dumps({"merged": str(args.adapter), "base": str(args.checkpoint), "out": str(out)}))
     return 0
 
 

@@ -115,3 +115,31 @@ def test_grad_accum_weights_tokens_like_one_batch(base, tmp_path):
     one = curve(tmp_path / "one", batch_size=4)
     two = curve(tmp_path / "two", batch_size=2, grad_accum=2)
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_merge_and_generate_with_adapter(base, tmp_path, capsys):
+    """`nanoseek merge` writes a plain checkpoint equal to base + adapter; `generate --adapter` runs the adapter."""
+    from nanoseek.cli import main as cli
+
+    finetune(_cfg(base, tmp_path / "run", max_steps=6, eval_every=0, save_every=0, lr=1e-2))
+    adapter = tmp_path / "run" / "adapter"
+    assert cli(["merge", "--checkpoint", str(base / "base"), "--adapter", str(adapter), "--out",
+                str(tmp_path / "merged")]) == 0
+    merged = Model.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    ref = Model.from_pretrained(base / "base")
+    ref.load_adapter(adapter, "ft")
+    x = torch.randint(3, ref.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        want, plain = ref(x, adapter="ft"), ref(x)
+        assert (want - plain).abs().max() > 1e-3  # the adapter learned something
+        assert (merged(x) - want).abs().max() < 1e-5
+    assert cli(["merge", "--checkpoint", str(base / "base"), "--adapter", str(adapter), "--out",
+                str(tmp_path / "merged")]) == 2  # refuses to overwrite
+    capsys.readouterr()
+    outs = []
+    for ckpt, extra in ((tmp_path / "merged", []), (base / "base", ["--adapter", str(adapter)]), (base / "base", [])):
+        assert cli(["generate", "--checkpoint", str(ckpt), "--prompt", "def f3(x):\n", "--temperature", "0",
+                    "--max-new-tokens", "12", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
