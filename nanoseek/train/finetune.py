@@ -60,7 +60,7 @@ from ..data.tokenizer import Tokenizer
 from ..model import Model
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .metrics import MetricsLog, peak_memory_bytes
-from .optim import configure_optimizer, lr_at, set_lr
+from .optim import SCHEDULES, configure_optimizer, lr_at, set_lr
 from .state import (
     checkpoint_dir,
     list_checkpoints,
@@ -123,12 +123,62 @@ class FinetuneConfig:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "r", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FinetuneConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"FinetuneConfig.schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"FinetuneConfig.dtype={self.dtype!r} must be auto, bfloat16 or float32")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.lora_dropout < 0 or self.lora_dropout >= 1:
+            raise ValueError(f"FinetuneConfig: need lr > 0, warmup_steps >= 0 and 0 <= lora_dropout < 1 "
+                             f"(got {self.lr}, {self.warmup_steps}, {self.lora_dropout})")
 
     def lora_config(self) -> lora.LoraConfig:
         targets = self.target_modules if self.target_modules == "all-linear" else \
             [t.strip() for t in self.target_modules.split(",") if t.strip()]
         return lora.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                                target_modules=targets, use_rslora=self.use_rslora)
+
+
+HELP = {  # --help text of each FinetuneConfig field
+    "base": "base checkpoint directory (HF format, with tokenizer.json)",
+    "data": 'training data: "builtin:<task>" (a stdlib package, e.g. builtin:email) or a JSONL file of '
+            '{"prompt","completion"} or {"messages"} records',
+    "out_dir": "run directory: metrics.jsonl, plots, checkpoints/, and the final adapter/ (or model/)",
+    "full": "full fine-tuning (every weight) instead of LoRA",
+    "adapter_name": "the adapter's name inside the model",
+    "r": "LoRA rank",
+    "lora_alpha": "LoRA alpha: gamma = alpha / r (alpha / sqrt(r) with --use-rslora)",
+    "lora_dropout": "dropout on the adapter's input",
+    "target_modules": '"all-linear" or comma-separated module names (q_proj, kv_b_proj, o_proj, experts, ...)',
+    "use_rslora": "rank-stabilised scaling gamma = alpha / sqrt(r)",
+    "lr": "peak learning rate (default: 5e-4 for LoRA, 5e-5 for --full)",
+    "weight_decay": "AdamW weight decay",
+    "max_steps": "optimizer steps",
+    "batch_size": "sequences per micro-batch per process",
+    "seq_len": "tokens per sequence (longer examples are truncated)",
+    "grad_accum": "micro-batches per optimizer step",
+    "warmup_steps": "linear warm-up steps",
+    "schedule": f"lr schedule, one of {SCHEDULES}",
+    "min_lr_ratio": "final lr / peak lr",
+    "decay_frac": "wsd: fraction of steps in the final decay",
+    "grad_clip": "global gradient-norm clip (0 = off)",
+    "bias_update_gamma": "router-bias update speed (full fine-tuning only; LoRA keeps the base frozen)",
+    "pack": "pack examples into full rows instead of one padded example per row",
+    "val_data": "validation JSONL (default for a JSONL --data: every 20th record is held out)",
+    "eval_tasks": "comma-separated built-in tasks also evaluated (their val split)",
+    "eval_every": "validate every N steps (0 = only at the end)",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "checkpoint every N steps (0 = only at the end)",
+    "keep_last": "checkpoints kept",
+    "log_every": "print every N steps",
+    "prompt_lines": "built-in tasks: lines of the file in the prompt",
+    "completion_lines": "built-in tasks: lines to complete",
+    "seed": "seed of the data order and the adapter's initialisation",
+    "device": "auto, cpu, cuda",
+    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16 or float32",
+    "resume": "a checkpoint directory or 'latest' to continue from",
+    "plots": "write PNG plots of the metrics",
+    "tensorboard": "also log to TensorBoard",
+}
 
 
 class AdapterRunner(nn.Module):
@@ -341,16 +391,16 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "fsdp":
             continue
+        help_ = HELP[f.name] + ("" if f.default in (dataclasses.MISSING, None, "") else f" (default: {f.default})")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
         elif f.default is dataclasses.MISSING:
-            p.add_argument(flag, required=True)
+            p.add_argument(flag, required=True, help=help_)
         else:
             kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
             # the rank is --lora-r (--r also works, but not after torchrun, which reads it as its own --r...)
             flags = ("--lora-r", "--r") if f.name == "r" else (flag,)
-            p.add_argument(*flags, dest=f.name, type=kind, default=f.default,
-                           help="LoRA rank" if f.name == "r" else None)
+            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_)
 
 
 def _run(args: argparse.Namespace) -> int:

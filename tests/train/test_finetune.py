@@ -143,3 +143,17 @@ def test_merge_and_generate_with_adapter(base, tmp_path, capsys):
                     "--max-new-tokens", "12", *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(schedule="linear"), dict(dtype="fp16"), dict(lr=-1.0),
+                                 dict(lora_dropout=1.0), dict(max_steps=0)])
+def test_bad_config_is_rejected(base, tmp_path, bad):
+    with pytest.raises(ValueError, match="FinetuneConfig"):
+        _cfg(base, tmp_path / "x", **bad)
+
+
+def test_help_names_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--lora-r" in text and "LoRA rank" in text and "builtin:<task>" in text
