@@ -33,17 +33,34 @@ def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
 
 
+def lora_label(r: int, targets: str) -> str:
+    return f"lora r={r}" + ("" if targets == "all-linear" else f" [{targets}]")
+
+
+def expand_targets(base: str, targets: str) -> str:
+    """"all-linear+lm_head": every module name LoRA can wrap in the base, lm_head included, comma-separated."""
+    if targets != "all-linear+lm_head":
+        return targets
+    from nanoseek import Model
+    from nanoseek.lora import candidates
+
+    model = Model.from_pretrained(base, device="meta")
+    names = {("experts" if proj else path.rsplit(".", 1)[-1]) for path, (_, proj) in candidates(model).items()}
+    return ",".join(sorted(names))
+
+
 def run(base: str, task: str, full: bool, r: int, lr: float, a, tmp: Path) -> dict:
     out = tmp / f"{'full' if full else f'lora{r}'}-{lr:g}"
     cfg = FinetuneConfig(base=base, data=task, out_dir=str(out), full=full, r=r, lora_alpha=a.alpha, lr=lr,
-                         max_steps=a.steps, batch_size=a.batch, seq_len=a.seq_len, warmup_steps=a.steps // 10,
+                         target_modules=expand_targets(base, a.targets), max_steps=a.steps, batch_size=a.batch, seq_len=a.seq_len,
+                         warmup_steps=a.steps // 10,
                          eval_every=0, eval_batches=a.eval_batches, save_every=0, plots=False, seed=a.seed,
                          weight_decay=0.0)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         s = finetune(cfg)
-    return {"method": "full" if full else f"lora r={r}", "rank": None if full else r, "lr": lr,
+    return {"method": "full" if full else lora_label(r, a.targets), "rank": None if full else r, "lr": lr,
             "val_loss": s["val_loss"], "initial_val_loss": s["initial"]["val_loss"],
             "seconds": time.perf_counter() - t0}
 
@@ -83,6 +100,9 @@ def main() -> None:
     ap.add_argument("--lora-lrs", type=_floats, default=_floats("2e-4,5e-4,1e-3,2e-3,5e-3,1e-2,2e-2"))
     ap.add_argument("--ranks", default="1,8,64")
     ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--targets", default="all-linear",
+                    help='LoRA target_modules: "all-linear" (every projection and expert, not lm_head), '
+                         '"all-linear+lm_head", or a comma-separated list')
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -101,7 +121,8 @@ def main() -> None:
     # a second process on the same file with --reverse works from the other end and they meet in the middle.
     key = {"base": str(a.base), "task": a.task, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len,
            "alpha": a.alpha, "seed": a.seed, "eval_batches": a.eval_batches}
-    plan = [("full", 1, lr) for lr in a.full_lrs] + [(f"lora r={r}", r, lr) for r in ranks for lr in a.lora_lrs]
+    plan = [("full", 1, lr) for lr in a.full_lrs]
+    plan += [(lora_label(r, a.targets), r, lr) for r in ranks for lr in a.lora_lrs]
     with tempfile.TemporaryDirectory() as tmp:
         for method, r, lr in (reversed(plan) if a.reverse else plan):
             if (method, lr) in _finished(a.rows, key):
@@ -118,7 +139,7 @@ def main() -> None:
     if missing:
         sys.exit(f"not finished yet (another process?): {', '.join(missing)}")
     rows = [done[(m, lr)] for m, _, lr in plan]
-    methods = ["full"] + [f"lora r={r}" for r in ranks]
+    methods = ["full"] + [lora_label(r, a.targets) for r in ranks]
     best = {m: min((x for x in rows if x["method"] == m), key=lambda x: x["val_loss"]) for m in methods}
     fit = {m: fitted_best_lr([(x["lr"], x["val_loss"]) for x in rows if x["method"] == m]) for m in methods}
     print(f"base {a.base}  task {a.task}  {a.steps} steps x {a.batch} x {a.seq_len}  host {platform.machine()}  "
@@ -143,11 +164,16 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
+        base_loss = rows[0]["initial_val_loss"]
+        top = base_loss + 0.5 * (base_loss - min(x["val_loss"] for x in rows))  # diverged runs: off the top
         for m in methods:
             xs = sorted((x["lr"], x["val_loss"]) for x in rows if x["method"] == m)
-            ax.plot([p for p, _ in xs], [v for _, v in xs], "o-", label=m)
+            line, = ax.plot([p for p, _ in xs], [min(v, top) for _, v in xs], "o-", label=m)
+            ax.plot([p for p, v in xs if v > top], [top for _, v in xs if v > top], "^", ms=10, color=line.get_color())
+            ax.axvline(best[m]["lr"], color=line.get_color(), ls=":", lw=1)
+        ax.axhline(base_loss, color="grey", ls="--", lw=1, label="base (no fine-tuning)")
         ax.set(xscale="log", xlabel="learning rate", ylabel="final val loss (completion tokens)",
-               title=f"LoRA vs full fine-tuning, {a.task}")
+               title=f"LoRA vs full fine-tuning, {a.task} ({a.steps} steps; ^ = off the scale)")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
