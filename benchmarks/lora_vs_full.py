@@ -52,10 +52,9 @@ def expand_targets(base: str, targets: str) -> str:
 def run(base: str, task: str, full: bool, r: int, lr: float, a, tmp: Path) -> dict:
     out = tmp / f"{'full' if full else f'lora{r}'}-{lr:g}"
     cfg = FinetuneConfig(base=base, data=task, out_dir=str(out), full=full, r=r, lora_alpha=a.alpha, lr=lr,
-                         target_modules=expand_targets(base, a.targets), max_steps=a.steps, batch_size=a.batch, seq_len=a.seq_len,
-                         warmup_steps=a.steps // 10,
-                         eval_every=0, eval_batches=a.eval_batches, save_every=0, plots=False, seed=a.seed,
-                         weight_decay=0.0)
+                         target_modules=expand_targets(base, a.targets), max_steps=a.steps, batch_size=a.batch,
+                         seq_len=a.seq_len, warmup_steps=a.steps // 10, eval_every=0, eval_batches=a.eval_batches,
+                         save_every=0, plots=False, seed=a.seed, weight_decay=0.0)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
