@@ -65,6 +65,7 @@ from .state import (
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
+    remove_stale_temps,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -266,6 +267,9 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
 
     start_step, metrics_offset = 0, None
     if resume_path is not None:
+        if d.is_main:
+            remove_stale_temps(out_dir)  # a checkpoint half-written when the last run was killed
+        d.barrier()
         if cfg.full:
             state, rng = load_checkpoint(resume_path, model, optimizer)
         else:

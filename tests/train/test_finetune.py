@@ -42,9 +42,12 @@ def test_lora_resume_is_exact(base, tmp_path):
     want = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     metrics_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000004")
+    # as if killed while writing step 4: its directory is still a temp one, and the final adapter is missing
+    ckpts = tmp_path / "b" / "checkpoints"
+    (ckpts / "step-0000004").rename(ckpts / ".step-0000004.tmp-12345")
     shutil.rmtree(tmp_path / "b" / "adapter")
     finetune(_cfg(base, tmp_path / "b", resume="latest"))
+    assert not (ckpts / ".step-0000004.tmp-12345").exists() and (ckpts / "step-0000004").is_dir()
     got = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     metrics_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
@@ -143,6 +146,16 @@ def test_merge_and_generate_with_adapter(base, tmp_path, capsys):
                     "--max-new-tokens", "12", *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1]
+    corpus = tmp_path / "corpus" / "pkg"  # `eval --adapter` on a tiny corpus equals eval of the merged model
+    corpus.mkdir(parents=True)
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(i, i + 20)))
+    losses = []
+    for ckpt, extra in ((tmp_path / "merged", []), (base / "base", ["--adapter", str(adapter)]), (base / "base", [])):
+        assert cli(["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "corpus"), "--seq-len", "32",
+                    "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+        losses.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and abs(losses[0] - losses[2]) > 1e-4
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(schedule="linear"), dict(dtype="fp16"), dict(lr=-1.0),
