@@ -52,7 +52,7 @@ def expand_targets(base: str, targets: str) -> str:
 def run(base: str, task: str, full: bool, r: int, lr: float, a, tmp: Path) -> dict:
     out = tmp / f"{'full' if full else f'lora{r}'}-{lr:g}"
     cfg = FinetuneConfig(base=base, data=task, out_dir=str(out), full=full, r=r, lora_alpha=a.alpha, lr=lr,
-                         target_modules=expand_targets(base, a.targets), max_steps=a.steps, batch_size=a.batch,
+                         target_modules=a.target_list, max_steps=a.steps, batch_size=a.batch,
                          seq_len=a.seq_len, warmup_steps=a.steps // 10, eval_every=0, eval_batches=a.eval_batches,
                          save_every=0, plots=False, seed=a.seed, weight_decay=0.0)
     t0 = time.perf_counter()
@@ -114,6 +114,7 @@ def main() -> None:
                     help="run the grid from its end: a second process on the same --rows file splits the work")
     a = ap.parse_args()
     ranks = [int(r) for r in a.ranks.split(",") if r]
+    a.target_list = expand_targets(a.base, a.targets)  # once, not per run
     mine: dict = {}  # this process's rows when there is no rows file
     # every finished run is appended to --rows (JSONL) at once and reused by a rerun with the same settings:
     # a sweep that is interrupted loses at most the run in progress. The file is re-read before each run, so

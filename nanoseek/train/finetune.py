@@ -30,7 +30,6 @@ Rejected: a separate fine-tuning loop (a second copy of step/NaN/clip/resume log
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -71,9 +70,7 @@ from .state import (
     save_checkpoint,
     set_rng_state,
 )
-from .trainer import optimizer_step
-
-LOSS_PARTS = ("loss", "main_loss", "mtp_loss", "balance_loss")
+from .trainer import LOSS_PARTS, autocast_context, optimizer_step
 
 
 @dataclass
@@ -262,8 +259,7 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
     train_ex, val_ex, extra_ex = _data(cfg, tok)
     loader = SFTLoader(train_ex, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                        device=device, pack=cfg.pack, pad_id=tok.pad_id)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" or (
-        cfg.dtype == "auto" and device.type == "cuda") else contextlib.nullcontext()
+    autocast = autocast_context(cfg, device)
 
     start_step, metrics_offset = 0, None
     if resume_path is not None:

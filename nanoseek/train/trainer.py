@@ -62,7 +62,8 @@ def train(cfg: TrainConfig) -> dict:
         shutdown_distributed()
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def autocast_context(cfg, device: torch.device):
+    """bf16 autocast when cfg.dtype is "bfloat16", or "auto" on CUDA; a no-op context otherwise (fp32)."""
     want_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     if want_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -125,7 +126,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
             torch.manual_seed(cfg.seed + 1 + d.rank + start_step)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    autocast = _autocast(cfg, device)
+    autocast = autocast_context(cfg, device)
 
     fpt, fpt_source = flops_per_token(mcfg, cfg.seq_len)
     peak = peak_flops(device)
@@ -173,7 +174,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         if last or (cfg.eval_every and n % cfg.eval_every == 0):
             # every rank evaluates the same global-batch-sized windows (same numbers for any world size)
             ev = evaluate(model, val_tokens, cfg.seq_len, cfg.batch_size * d.world_size, cfg.eval_batches,
-                          device, val_bytes, _autocast(cfg, device))
+                          device, val_bytes, autocast_context(cfg, device))
             if log is not None:
                 log.write({"step": n, **{k: ev[k] for k in ("val_loss", "val_ppl", "val_bpb")}})
             summary.update({k: ev[k] for k in ("val_loss", "val_ppl", "val_bpb")})
