@@ -124,13 +124,20 @@ class Experts(nn.Module):
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()  # adapter -> {proj: factor}
         self.lora_scale: dict[str, dict[str, float]] = {}
         self.lora_ctx = None
+        self.ep = None  # an expert_parallel.ExpertGroup when this rank holds a shard of the experts
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""
+        if self.ep is not None:  # expert parallel: this rank holds experts [lo, hi) only
+            return self.ep.dispatch_combine(x, idx, weights, self.gate_up_proj.shape[0], self.grouped)
         N, K = idx.shape
         flat = idx.flatten()  # (N*K,) expert of each token copy
         order = flat.argsort(stable=True)
-        token = order // K  # source token of each sorted copy
+        return self.grouped(x, flat, order, order // K, weights.flatten(), N)
+
+    def grouped(self, x, flat, order, token, w, N):
+        """The held experts on token copies: x (N, H) rows, flat (C,) expert of each copy, order (C,) sorts them
+        by expert, token (C,) row of each sorted copy, w (C,) weight of each copy -> (N, H) weighted sums."""
         offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
         xs = x[token]  # (N*K, H) token copies sorted by expert
         h = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs)  # (N*K, 2I)
@@ -139,7 +146,7 @@ class Experts(nn.Module):
         a = self.act(gate) * up
         y = grouped_mm(a, self.down_proj.transpose(1, 2), offs)  # (N*K, H)
         y = self._lora(y, "down_proj", a, flat, order, token, offs, N)
-        y = y * weights.flatten()[order, None]
+        y = y * w[order, None]
         return torch.zeros(N, x.shape[1], device=x.device, dtype=y.dtype).index_add_(0, token, y).to(x.dtype)
 
     def _lora(self, y, proj, xs, flat, order, token, offs, N):

@@ -43,6 +43,8 @@ class TrainConfig:
     mtp_loss_weight: float | None = _f(None, "override lambda of the MTP loss (0 turns MTP training off)")
     router_balance: str | None = _f(None, f"override MoE balancing, one of {ROUTER_BALANCE}")
     aux_loss_alpha: float | None = _f(None, "override alpha of the balance loss")
+    topk_group: int | None = _f(None, "override topk_group: expert groups (nodes) a token may use; n_group turns "
+                                      "node-limited routing off")
     # data
     data: str = _f("stdlib", "corpus: 'stdlib' (built-in), a directory, a .jsonl or a text file")
     vocab_size: int | None = _f(None, "tokenizer/model vocabulary size (default: the preset's)")
@@ -76,6 +78,8 @@ class TrainConfig:
     dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
     compile: bool = _f(False, "torch.compile the model")
     fsdp: bool = _f(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
+    expert_parallel: int = _f(1, "under torchrun: spread the routed experts over groups of N ranks (N divides "
+                                 "the world size and n_routed_experts); 1: every rank holds every expert")
     cache_dir: str | None = _f(None, "tokenizer/token cache (default $NANOSEEK_CACHE or ~/.cache/nanoseek)")
 
     def __post_init__(self):
@@ -108,6 +112,10 @@ class TrainConfig:
             bad("schedule", f"must be one of {SCHEDULES}")
         if self.router_balance is not None and self.router_balance not in ROUTER_BALANCE:
             bad("router_balance", f"must be one of {ROUTER_BALANCE}")
+        if not isinstance(self.expert_parallel, int) or self.expert_parallel < 1:
+            bad("expert_parallel", "must be a positive integer")
+        if self.expert_parallel > 1 and (self.fsdp or self.compile):
+            bad("expert_parallel", "cannot be combined with --fsdp or --compile (not built)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             bad("dtype", "must be auto, float32 or bfloat16")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -137,7 +145,7 @@ class TrainConfig:
         if self.hidden_size is not None:
             cfg = cfg.with_width(self.hidden_size)
         overrides = {k: getattr(self, k) for k in ("num_hidden_layers", "mtp_loss_weight", "router_balance",
-                                                     "aux_loss_alpha", "vocab_size", "mup_base_width",
+                                                     "aux_loss_alpha", "topk_group", "vocab_size", "mup_base_width",
                                                      "initializer_range", "embedding_multiplier")}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "num_hidden_layers" in overrides and cfg.first_k_dense_replace > overrides["num_hidden_layers"]:

@@ -136,11 +136,13 @@ def gather_fsdp_state(model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False) -> tuple[dict, dict]:
+def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False, shard=None) -> tuple[dict, dict]:
     """Copy a checkpoint's weights (router biases included) and optimizer state into `model`/`optimizer`.
 
     fsdp: the model is FSDP2-sharded and the checkpoint was written from gathered state (every rank reads the
-    full files and keeps its shard). Returns (state.json dict, rng dict); the caller restores the RNG after
+    full files and keeps its shard). shard(model_sd, optimizer_sd) -> (model_sd, optimizer_sd): this rank's
+    part of the full state (expert parallelism, see expert_parallel.py).
+    Returns (state.json dict, rng dict); the caller restores the RNG after
     everything else is built.
     """
     sd = from_hf_state_dict(model.config, read_safetensors_dir(path))
@@ -160,12 +162,15 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False) -> tuple[d
         set_optimizer_state_dict(model, optimizer, osd, options=opts)
         rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
         return json.loads((ts / "state.json").read_text()), rng
+    osd = torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True)
+    if shard is not None:
+        sd, osd = shard(sd, osd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.tie_weights()
-    optimizer.load_state_dict(torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(osd)
     rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
     return json.loads((ts / "state.json").read_text()), rng

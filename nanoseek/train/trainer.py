@@ -33,6 +33,7 @@ from ..model import Model
 from .config import TrainConfig
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .evaluate import evaluate
+from .expert_parallel import ExpertParallel, check_mesh
 from .metrics import MetricsLog, flops_per_token, max_vio, peak_flops, peak_memory_bytes
 from .optim import configure_optimizer, lr_at, set_lr
 from .state import (
@@ -103,10 +104,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     mcfg = mcfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     val_bytes = corpus.num_bytes("val")
 
+    if cfg.expert_parallel > 1:  # fail before building anything
+        check_mesh(d.world_size, cfg.expert_parallel, mcfg.n_routed_experts)
     model = Model(mcfg, device=device)  # init consumes the seeded torch RNG identically on every rank
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout streams differ per rank
-    # wrap before building the optimizer: FSDP2 swaps the parameters for sharded DTensor ones
-    wrapped = wrap_model(model, d, device, cfg.fsdp)
+    # wrap before building the optimizer: FSDP2 swaps the parameters for sharded DTensor ones, expert
+    # parallelism keeps only this rank's experts
+    if cfg.expert_parallel > 1:
+        wrapped = ExpertParallel(model, d, cfg.expert_parallel, device)
+    else:
+        wrapped = wrap_model(model, d, device, cfg.fsdp)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     loader = PackedLoader(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=d.rank,
                           world_size=d.world_size, device=device)
@@ -115,7 +122,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         if d.is_main:
             remove_stale_temps(out_dir)
         d.barrier()
-        state, rng = load_checkpoint(resume_path, model, optimizer, fsdp=cfg.fsdp and d.enabled)
+        shard = (lambda sd, osd: wrapped.shard_state(sd, osd, optimizer)) if cfg.expert_parallel > 1 else None
+        state, rng = load_checkpoint(resume_path, model, optimizer, fsdp=cfg.fsdp and d.enabled, shard=shard)
         if bool(state.get("fsdp")) != (cfg.fsdp and d.enabled):
             raise ValueError(f"{resume_path} was written {'with' if state.get('fsdp') else 'without'} FSDP: "
                              "resume it the same way (its optimizer state is stored differently)")
@@ -183,7 +191,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
 
                 plot_run(out_dir)
         if last or (cfg.save_every and n % cfg.save_every == 0):
-            _save(cfg, d, model, tok, optimizer, loader, n, log)
+            _save(cfg, d, model, wrapped, tok, optimizer, loader, n, log)
     if log is not None:
         log.close()
     if step_times:
@@ -223,7 +231,10 @@ def optimizer_step(cfg: TrainConfig, d: Dist, model, wrapped, optimizer, loader,
         raise TrainingDiverged(f"step {step + 1}: non-finite {', '.join(bad)} "
                                f"({', '.join(f'{n}={v}' for n, v in zip(LOSS_PARTS, parts_cpu))}); "
                                "stopped before the optimizer step; the last checkpoint is intact")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    if isinstance(wrapped, ExpertParallel):  # explicit gradient averaging over the (data, expert) mesh
+        grad_norm = wrapped.reduce_and_clip_(cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
     grad_norm = float(grad_norm)
@@ -254,12 +265,16 @@ def _micro_weights(targets: list[torch.Tensor], d: Dist) -> list[float]:
     return [float(n) * d.world_size / total for n in counts]
 
 
-def _save(cfg: TrainConfig, d: Dist, model, tok, optimizer, loader, step: int, log: MetricsLog | None) -> None:
+def _save(cfg: TrainConfig, d: Dist, model, wrapped, tok, optimizer, loader, step: int,
+          log: MetricsLog | None) -> None:
     """Rank 0 writes checkpoints/step-{step}; the others wait so nobody runs ahead of a half-written one."""
     fsdp = cfg.fsdp and d.enabled
     gathered = gather_fsdp_state(model, optimizer) if fsdp else None  # every rank takes part in the gather
+    if isinstance(wrapped, ExpertParallel):
+        gathered = wrapped.full_state(optimizer)  # experts gathered: the 1-process layout
     if d.is_main:
         state = {"step": step, "loader": loader.state_dict(), "metrics_offset": log.offset(),
-                 "world_size": d.world_size, "fsdp": fsdp, "train_config": cfg.to_dict()}
+                 "world_size": d.world_size, "fsdp": fsdp, "expert_parallel": cfg.expert_parallel,
+                 "train_config": cfg.to_dict()}
         save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last, gathered)
     d.barrier()

@@ -1,0 +1,140 @@
+"""Expert parallelism, training side: the 2-D (data, expert) mesh, gradient averaging, checkpoint gather/scatter.
+
+What. `pretrain --expert-parallel N` under torchrun with W ranks builds a DeviceMesh of shape (W/N, N) named
+("dp", "ep"): rank = dp * N + ep. The N ranks of one "ep" row share the routed experts (rank ep holds
+E/N of them, model/expert_parallel.py dispatches tokens between them); the W/N ranks of one "dp" column hold
+the same experts. Every rank still reads its own micro-batch (W ranks x batch B = 1 process x W*B).
+`ExpertParallel` wraps the model like DDP does and, after the step's backward passes:
+  * replicated parameters (attention, dense MLPs, shared experts, router, MTP, embeddings): gradient
+    all-reduced over all W ranks and divided by W (what DDP does);
+  * routed experts: each rank's gradient already holds the contributions of every token of its expert
+    group (they came back through the all-to-all's backward); it is summed over the "dp" column and divided
+    by W, not by the column size: the trainer scales each rank's loss by W / (global target tokens) so that
+    DDP's mean over W ranks gives the global token mean; an expert sees N ranks' tokens in one backward,
+    so sum over W/N replicas / W = the same global token mean as one process.
+The gradient norm for clipping is the global one: sum of squares of the replicated gradients (equal on every
+rank) plus the all-reduced sum over the expert group of the expert shards'.
+Checkpoints are ordinary HF directories: `full_state` all-gathers expert weights and their AdamW moments over
+the expert group (the optimizer state dict then has exactly the 1-process layout); `shard_state` slices a full
+checkpoint for this rank, so a run saved with N ranks resumes with M (or with one process, or DDP).
+
+Why. DDP-equivalent arithmetic with explicit collectives keeps the scaling visible in one place. The full model
+is initialised on every rank from the same seed, then sliced: the same weights as one process, bit for bit.
+Rejected: DDP with the experts ignored plus a second reducer (two gradient paths, no_sync interplay); FSDP2
+over the data dimension (not built: `--fsdp` with `--expert-parallel` is refused); meta-device init of the
+local shard only (cheaper memory for experts that do not fit one device, but different init draws than one
+process; not built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+from ..model.expert_parallel import ExpertGroup, check_divisible, shard_experts
+from ..model.moe import Experts
+from .distributed import Dist
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def check_mesh(world_size: int, n: int, n_experts: int) -> None:
+    """ValueError unless W ranks form a (W/n, n) mesh and n divides the routed experts."""
+    if n < 1:
+        raise ValueError(f"--expert-parallel {n}: must be >= 1")
+    if world_size % n:
+        raise ValueError(f"--expert-parallel {n} does not fit {world_size} process(es): the world size must be a "
+                         f"multiple of {n} (launch with torchrun --nproc-per-node {n}, or a multiple of it)")
+    check_divisible(n_experts, n)
+
+
+class ExpertParallel(nn.Module):
+    """The model with its routed experts sharded over the "ep" mesh dimension; DDP's role for the rest."""
+
+    def __init__(self, model: nn.Module, d: Dist, n: int, device: torch.device):
+        super().__init__()
+        check_mesh(d.world_size, n, model.config.n_routed_experts)
+        self.module, self.world = model, d.world_size
+        self.mesh = init_device_mesh(device.type, (d.world_size // n, n), mesh_dim_names=("dp", "ep"))
+        self.ep = ExpertGroup(n, self.mesh.get_local_rank("ep"), self.mesh.get_group("ep"))
+        self.dp_group = self.mesh.get_group("dp")
+        shard_experts(model, self.ep)
+        self.expert_names = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, Experts)
+                             for p in EXPERT_PARAMS}
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        """Gradients are reduced once per step by `reduce_and_clip_` anyway."""
+        return contextlib.nullcontext()
+
+    def _split(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(replicated, expert) trainable parameters, tied weights once."""
+        seen, rep, exp = set(), [], []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (exp if name in self.expert_names else rep).append(p)
+        return rep, exp
+
+    def reduce_and_clip_(self, max_norm: float) -> torch.Tensor:
+        """Average the step's gradients (see the module docstring), clip to the global norm; returns it."""
+        rep, exp = self._split()
+        for params, group in ((rep, None), (exp, self.dp_group)):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if not grads:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            tdist.all_reduce(flat, group=group)
+            flat /= self.world
+            for p, g in zip(params, flat.split([q.numel() for q in params])):
+                p.grad = g.view_as(p).clone()
+        sq = [torch.zeros((), dtype=torch.float32, device=p.device) for p in rep[:1] or exp[:1]]
+        rep_sq = sum((p.grad.float().pow(2).sum() for p in rep), sq[0])
+        exp_sq = sum((p.grad.float().pow(2).sum() for p in exp), torch.zeros_like(sq[0]))
+        tdist.all_reduce(exp_sq, group=self.ep.group)
+        norm = (rep_sq + exp_sq).sqrt()
+        if max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for p in rep + exp:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return norm
+
+    # ------------------------------------------------------------------ checkpoints
+    def _expert_slots(self, optimizer) -> dict[int, str]:
+        """Optimizer state index -> parameter name, for the expert parameters."""
+        names = {id(p): n for n, p in self.module.named_parameters() if n in self.expert_names}
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        return {i: names[id(p)] for i, p in enumerate(order) if id(p) in names}
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.ep.size)]
+        tdist.all_gather(parts, t.contiguous(), group=self.ep.group)
+        return torch.cat(parts).cpu()
+
+    def full_state(self, optimizer) -> tuple[dict, dict]:
+        """(model state dict, optimizer state dict) with every expert gathered: the 1-process layout, on CPU.
+        Every rank must call it (it all-gathers over the expert group)."""
+        sd = {k: (self._gather(v) if k in self.expert_names else v.detach().cpu())
+              for k, v in self.module.state_dict().items()}
+        osd = optimizer.state_dict()
+        for i in self._expert_slots(optimizer):
+            osd["state"][i] = {k: (self._gather(v) if torch.is_tensor(v) and v.dim() else v)
+                               for k, v in osd["state"][i].items()}
+        return sd, osd
+
+    def shard_state(self, sd: dict, osd: dict, optimizer) -> tuple[dict, dict]:
+        """This rank's slices of a full (model, optimizer) state, as `full_state` or one process wrote it.
+        `optimizer` is this run's (its groups list the parameters in the order the saved indices follow)."""
+        lo, hi = self.ep.local_experts(self.module.config.n_routed_experts)
+        sd = {k: (v[lo:hi] if k in self.expert_names else v) for k, v in sd.items()}
+        for i in self._expert_slots(optimizer):
+            if i in osd["state"]:
+                osd["state"][i] = {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() else v)
+                                   for k, v in osd["state"][i].items()}
+        return sd, osd

@@ -1,0 +1,127 @@
+"""Expert parallelism under torchrun (gloo on CPU) follows the 1-process run with the same global batch:
+losses, expert loads and the updated weights (experts gathered into the ordinary HF checkpoint)."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek import LoraConfig, Model
+from nanoseek.checkpoint import read_safetensors_dir
+from nanoseek.model.expert_parallel import ExpertGroup, shard_experts
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.expert_parallel import check_mesh
+from nanoseek.train.metrics import read_metrics
+
+from ..tiny import ds
+from .conftest import REPO, cli_args, subprocess_env, tiny_kwargs
+from .test_distributed import assert_same_curve, torchrun
+
+STEPS = dict(max_steps=10, eval_every=5, save_every=5)  # dsv3-tiny at width 64: 8 experts top-2, 4 groups keep 2
+
+
+def launch(nproc, corpus, cache, out, **kw):
+    """`nanoseek pretrain` on nproc processes (torchrun) or one; returns metrics.jsonl's records."""
+    args = cli_args(tiny_kwargs(corpus, cache, out, **kw))
+    cmd = (torchrun() + ["--standalone", "--nproc-per-node", str(nproc), "-m", "nanoseek", "pretrain"]
+           if nproc > 1 else [sys.executable, "-m", "nanoseek", "pretrain"]) + args
+    r = subprocess.run(cmd, env=subprocess_env(cache), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return read_metrics(out / "metrics.jsonl")
+
+
+def final_weights(out, step=10):
+    return read_safetensors_dir(out / "checkpoints" / f"step-{step:07d}")
+
+
+def assert_same_weights(a, b):
+    assert sorted(a) == sorted(b)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in a  # every expert, per-expert HF keys
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=2e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_corpus, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep_one")
+    return launch(1, tiny_corpus, cache_dir, out, batch_size=8, **STEPS), out
+
+
+def test_two_ranks_expert_parallel_match_one(tiny_corpus, cache_dir, tmp_path, one_process):
+    """2 ranks, 4 experts each, node-limited routing (2 of 4 groups; a rank holds 2 groups), MTP on."""
+    one, one_dir = one_process
+    two = launch(2, tiny_corpus, cache_dir, tmp_path / "ep2", batch_size=4, expert_parallel=2, **STEPS)
+    assert_same_curve(one, two)
+    assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "ep2"))
+    assert any(r.get("mtp_loss") for r in two)
+
+
+def test_resume_with_other_rank_count(tiny_corpus, cache_dir, tmp_path, one_process):
+    """Saved with 2 expert-parallel ranks at step 5, resumed by one process (N -> 1 resharding): the rest of
+    the run and the final weights equal the uninterrupted run's."""
+    one, one_dir = one_process
+    launch(2, tiny_corpus, cache_dir, tmp_path / "ep2", batch_size=4, expert_parallel=2, **STEPS)
+    shutil.rmtree(tmp_path / "ep2" / "checkpoints" / "step-0000010")  # as if killed after the step-5 save
+    resumed = launch(1, tiny_corpus, cache_dir, tmp_path / "ep2", batch_size=8, resume="latest", **STEPS)
+    assert_same_curve(one, resumed)
+    assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "ep2"))
+
+
+@pytest.mark.slow
+def test_no_node_limit_two_ranks_match_one(tiny_corpus, cache_dir, tmp_path):
+    """topk_group = n_group (no node limit): still the 1-process curve and weights."""
+    one = launch(1, tiny_corpus, cache_dir, tmp_path / "one", batch_size=8, topk_group=4, **STEPS)
+    two = launch(2, tiny_corpus, cache_dir, tmp_path / "two", batch_size=4, topk_group=4, expert_parallel=2,
+                 **STEPS)
+    assert_same_curve(one, two)
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [4, 2])
+def test_four_ranks_match_one(tiny_corpus, cache_dir, tmp_path, one_process, ep):
+    """4 ranks: mesh (1, 4) (2 experts per rank) and (2, 2) (experts replicated over 2 data-parallel ranks,
+    their gradients averaged over that column)."""
+    one, one_dir = one_process
+    four = launch(4, tiny_corpus, cache_dir, tmp_path / "ep4", batch_size=2, expert_parallel=ep, **STEPS)
+    assert_same_curve(one, four)
+    assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "ep4"))
+
+
+@pytest.mark.slow
+def test_reshard_two_to_four_and_back(tiny_corpus, cache_dir, tmp_path, one_process):
+    """Saved by 2 ranks (EP 2) at step 5, resumed by 4 ranks (EP 4): the same run."""
+    one, one_dir = one_process
+    launch(2, tiny_corpus, cache_dir, tmp_path / "r", batch_size=4, expert_parallel=2, **STEPS)
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step-0000010")
+    resumed = launch(4, tiny_corpus, cache_dir, tmp_path / "r", batch_size=2, expert_parallel=4, resume="latest",
+                     **STEPS)
+    assert_same_curve(one, resumed)
+    assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "r"))
+
+
+def test_mesh_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="does not fit 3 process"):
+        check_mesh(3, 2, 8)
+    with pytest.raises(ValueError, match=r"n_routed_experts \(8\) to be divisible by 3"):
+        check_mesh(3, 3, 8)
+    with pytest.raises(ValueError, match="does not fit 1 process"):
+        check_mesh(1, 2, 8)  # --expert-parallel 2 without torchrun
+    with pytest.raises(ValueError, match="expert_parallel"):
+        TrainConfig(**tiny_kwargs("x", "y", "z", expert_parallel=2, fsdp=True))
+
+
+def test_lora_on_experts_is_refused_clearly():
+    model = Model(ds())
+    model.add_adapter("a", LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
+        shard_experts(model, ExpertGroup(size=2, rank=0))
+
+
+def test_shard_keeps_this_ranks_experts():
+    model = Model(ds())
+    full = model.model.layers[1].mlp.experts.down_proj.detach().clone()  # (8, H, I)
+    shard_experts(model, ExpertGroup(size=4, rank=1))
+    torch.testing.assert_close(model.model.layers[1].mlp.experts.down_proj, full[2:4], rtol=0, atol=0)
