@@ -1,7 +1,9 @@
 """Expert parallelism under torchrun (gloo on CPU) follows the 1-process run with the same global batch:
 losses, expert loads and the updated weights (experts gathered into the ordinary HF checkpoint)."""
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,10 +16,12 @@ from nanoseek.model.expert_parallel import ExpertGroup, shard_experts
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.expert_parallel import check_mesh
 from nanoseek.train.metrics import read_metrics
+from nanoseek.train.state import list_checkpoints
 
 from ..tiny import ds
 from .conftest import REPO, cli_args, subprocess_env, tiny_kwargs
 from .test_distributed import assert_same_curve, torchrun
+from .test_kill import KEYS, wait_for
 
 STEPS = dict(max_steps=10, eval_every=5, save_every=5)  # dsv3-tiny at width 64: 8 experts top-2, 4 groups keep 2
 
@@ -39,8 +43,9 @@ def final_weights(out, step=10):
 def assert_same_weights(a, b):
     assert sorted(a) == sorted(b)
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in a  # every expert, per-expert HF keys
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=2e-6, msg=k)
+    for k in a:  # atol: Adam divides by sqrt(v), so for a tiny gradient the summation order's rounding shows
+        # up as ~1e-3 of one lr step (seen: 2.5e-6 on 1 of 32,768 embedding entries with 4 ranks)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +54,25 @@ def one_process(tiny_corpus, cache_dir, tmp_path_factory):
     return launch(1, tiny_corpus, cache_dir, out, batch_size=8, **STEPS), out
 
 
-def test_two_ranks_expert_parallel_match_one(tiny_corpus, cache_dir, tmp_path, one_process):
+@pytest.fixture(scope="module")
+def two_ranks(tiny_corpus, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep_two")
+    return launch(2, tiny_corpus, cache_dir, out, batch_size=4, expert_parallel=2, **STEPS), out
+
+
+def test_two_ranks_expert_parallel_match_one(one_process, two_ranks):
     """2 ranks, 4 experts each, node-limited routing (2 of 4 groups; a rank holds 2 groups), MTP on."""
-    one, one_dir = one_process
-    two = launch(2, tiny_corpus, cache_dir, tmp_path / "ep2", batch_size=4, expert_parallel=2, **STEPS)
+    (one, one_dir), (two, two_dir) = one_process, two_ranks
     assert_same_curve(one, two)
-    assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "ep2"))
-    assert any(r.get("mtp_loss") for r in two)
+    assert_same_weights(final_weights(one_dir), final_weights(two_dir))
+    assert all(r["mtp_loss"] > 0 for r in two if "loss" in r)
 
 
-def test_resume_with_other_rank_count(tiny_corpus, cache_dir, tmp_path, one_process):
+def test_resume_with_other_rank_count(tiny_corpus, cache_dir, tmp_path, one_process, two_ranks):
     """Saved with 2 expert-parallel ranks at step 5, resumed by one process (N -> 1 resharding): the rest of
     the run and the final weights equal the uninterrupted run's."""
     one, one_dir = one_process
-    launch(2, tiny_corpus, cache_dir, tmp_path / "ep2", batch_size=4, expert_parallel=2, **STEPS)
+    shutil.copytree(two_ranks[1], tmp_path / "ep2")
     shutil.rmtree(tmp_path / "ep2" / "checkpoints" / "step-0000010")  # as if killed after the step-5 save
     resumed = launch(1, tiny_corpus, cache_dir, tmp_path / "ep2", batch_size=8, resume="latest", **STEPS)
     assert_same_curve(one, resumed)
@@ -91,10 +101,10 @@ def test_four_ranks_match_one(tiny_corpus, cache_dir, tmp_path, one_process, ep)
 
 
 @pytest.mark.slow
-def test_reshard_two_to_four_and_back(tiny_corpus, cache_dir, tmp_path, one_process):
+def test_reshard_two_to_four(tiny_corpus, cache_dir, tmp_path, one_process, two_ranks):
     """Saved by 2 ranks (EP 2) at step 5, resumed by 4 ranks (EP 4): the same run."""
     one, one_dir = one_process
-    launch(2, tiny_corpus, cache_dir, tmp_path / "r", batch_size=4, expert_parallel=2, **STEPS)
+    shutil.copytree(two_ranks[1], tmp_path / "r")
     shutil.rmtree(tmp_path / "r" / "checkpoints" / "step-0000010")
     resumed = launch(4, tiny_corpus, cache_dir, tmp_path / "r", batch_size=2, expert_parallel=4, resume="latest",
                      **STEPS)
@@ -125,3 +135,23 @@ def test_shard_keeps_this_ranks_experts():
     full = model.model.layers[1].mlp.experts.down_proj.detach().clone()  # (8, H, I)
     shard_experts(model, ExpertGroup(size=4, rank=1))
     torch.testing.assert_close(model.model.layers[1].mlp.experts.down_proj, full[2:4], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sigkill_under_torchrun_then_resume_is_exact(tiny_corpus, cache_dir, tmp_path, two_ranks):
+    """SIGKILL the whole torchrun job while it writes the step-10 checkpoint; resuming on 2 ranks from step 5
+    reproduces the uninterrupted 2-rank run exactly (same collectives in the same order)."""
+    ref, _ = two_ranks
+    out = tmp_path / "run"
+    args = cli_args(tiny_kwargs(tiny_corpus, cache_dir, out, batch_size=4, expert_parallel=2, **STEPS))
+    env = {**subprocess_env(cache_dir), "NANOSEEK_TEST_SLOW_SAVE": "2"}  # each save sleeps before its rename
+    proc = subprocess.Popen(torchrun() + ["--standalone", "--nproc-per-node", "2", "-m", "nanoseek", "pretrain"]
+                            + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    ckpts = out / "checkpoints"
+    wait_for(lambda: list(ckpts.glob(".step-0000010.tmp-*")), proc, timeout=240)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000005"]
+    resumed = launch(2, tiny_corpus, cache_dir, out, batch_size=4, expert_parallel=2, resume="latest", **STEPS)
+    assert [{k: r.get(k) for k in KEYS} for r in resumed] == [{k: r.get(k) for k in KEYS} for r in ref]
