@@ -141,6 +141,7 @@ def shard_experts(model: torch.nn.Module, ep: ExpertGroup) -> None:
                              "without --expert-parallel")
         check_divisible(m.gate_up_proj.shape[0], ep.size)
         lo, hi = ep.local_experts(m.gate_up_proj.shape[0])
-        m.gate_up_proj = torch.nn.Parameter(m.gate_up_proj.detach()[lo:hi].clone())
-        m.down_proj = torch.nn.Parameter(m.down_proj.detach()[lo:hi].clone())
+        for proj in ("gate_up_proj", "down_proj"):  # (E/N, ...) slices; frozen stays frozen (LoRA runs)
+            full = getattr(m, proj)
+            setattr(m, proj, torch.nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         m.ep = ep

@@ -55,10 +55,13 @@ def check_mesh(world_size: int, n: int, n_experts: int) -> None:
 class ExpertParallel(nn.Module):
     """The model with its routed experts sharded over the "ep" mesh dimension; DDP's role for the rest."""
 
-    def __init__(self, model: nn.Module, d: Dist, n: int, device: torch.device):
+    def __init__(self, module: nn.Module, d: Dist, n: int, device: torch.device, model: nn.Module | None = None):
+        """module: what forward runs; model: the nanoseek Model inside it (default: module itself)."""
         super().__init__()
+        model = module if model is None else model
         check_mesh(d.world_size, n, model.config.n_routed_experts)
-        self.module, self.world = model, d.world_size
+        self.module, self.world = module, d.world_size
+        self.model = model
         self.mesh = init_device_mesh(device.type, (d.world_size // n, n), mesh_dim_names=("dp", "ep"))
         self.ep = ExpertGroup(n, self.mesh.get_local_rank("ep"), self.mesh.get_group("ep"))
         self.dp_group = self.mesh.get_group("dp")
@@ -76,7 +79,7 @@ class ExpertParallel(nn.Module):
     def _split(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(replicated, expert) trainable parameters, tied weights once."""
         seen, rep, exp = set(), [], []
-        for name, p in self.module.named_parameters():
+        for name, p in self.model.named_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 (exp if name in self.expert_names else rep).append(p)
@@ -108,7 +111,7 @@ class ExpertParallel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def _expert_slots(self, optimizer) -> dict[int, str]:
         """Optimizer state index -> parameter name, for the expert parameters."""
-        names = {id(p): n for n, p in self.module.named_parameters() if n in self.expert_names}
+        names = {id(p): n for n, p in self.model.named_parameters() if n in self.expert_names}
         order = [p for g in optimizer.param_groups for p in g["params"]]
         return {i: names[id(p)] for i, p in enumerate(order) if id(p) in names}
 
@@ -121,7 +124,7 @@ class ExpertParallel(nn.Module):
         """(model state dict, optimizer state dict) with every expert gathered: the 1-process layout, on CPU.
         Every rank must call it (it all-gathers over the expert group)."""
         sd = {k: (self._gather(v) if k in self.expert_names else v.detach().cpu())
-              for k, v in self.module.state_dict().items()}
+              for k, v in self.model.state_dict().items()}
         osd = optimizer.state_dict()
         for i in self._expert_slots(optimizer):
             osd["state"][i] = {k: (self._gather(v) if torch.is_tensor(v) and v.dim() else v)
@@ -131,7 +134,7 @@ class ExpertParallel(nn.Module):
     def shard_state(self, sd: dict, osd: dict, optimizer) -> tuple[dict, dict]:
         """This rank's slices of a full (model, optimizer) state, as `full_state` or one process wrote it.
         `optimizer` is this run's (its groups list the parameters in the order the saved indices follow)."""
-        lo, hi = self.ep.local_experts(self.module.config.n_routed_experts)
+        lo, hi = self.ep.local_experts(self.model.config.n_routed_experts)
         sd = {k: (v[lo:hi] if k in self.expert_names else v) for k, v in sd.items()}
         for i in self._expert_slots(optimizer):
             if i in osd["state"]:

@@ -21,6 +21,9 @@ resume: weights, optimizer, loader position, RNG). Differences, and why:
     rank r takes rows [r*B, (r+1)*B) of each global batch, so N processes with batch B follow one process with
     batch N*B. Rank 0 alone logs and writes checkpoints; every rank evaluates the same validation batches.
     No FSDP yet: a LoRA run's trained state is tiny; full fine-tuning of a model too big for one device needs it.
+  * `--expert-parallel N` spreads the routed experts over groups of N ranks as in pretraining
+    (expert_parallel.py): full fine-tuning, or LoRA on modules other than the routed experts (LoRA on
+    experts under expert parallelism is refused with an error: their per-expert A/B are not sharded).
 For a JSONL file without --val-data, every 20th record (index % 20 == 19) is held out for validation.
 
 Rejected: a separate fine-tuning loop (a second copy of step/NaN/clip/resume logic to keep in sync); adding an
@@ -58,6 +61,7 @@ from ..data.sft import (
 from ..data.tokenizer import Tokenizer
 from ..model import Model
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
+from .expert_parallel import ExpertParallel
 from .metrics import MetricsLog, peak_memory_bytes
 from .optim import SCHEDULES, configure_optimizer, lr_at, set_lr
 from .state import (
@@ -113,6 +117,7 @@ class FinetuneConfig:
     resume: str | None = None
     plots: bool = True
     tensorboard: bool = False
+    expert_parallel: int = 1
     fsdp: bool = False  # read by the shared optimizer step; fine-tuning uses DDP only
 
     def __post_init__(self):
@@ -125,6 +130,8 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"FinetuneConfig.dtype={self.dtype!r} must be auto, bfloat16 or float32")
+        if self.expert_parallel < 1:
+            raise ValueError(f"FinetuneConfig.expert_parallel={self.expert_parallel} must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0 or self.lora_dropout < 0 or self.lora_dropout >= 1:
             raise ValueError(f"FinetuneConfig: need lr > 0, warmup_steps >= 0 and 0 <= lora_dropout < 1 "
                              f"(got {self.lr}, {self.warmup_steps}, {self.lora_dropout})")
@@ -160,6 +167,8 @@ HELP = {  # --help text of each FinetuneConfig field
     "decay_frac": "wsd: fraction of steps in the final decay",
     "grad_clip": "global gradient-norm clip (0 = off)",
     "bias_update_gamma": "router-bias update speed (full fine-tuning only; LoRA keeps the base frozen)",
+    "expert_parallel": "under torchrun: spread the routed experts over groups of N ranks (full fine-tuning, or "
+                       "LoRA whose --target-modules leave out the experts); 1: every rank holds every expert",
     "pack": "pack examples into full rows instead of one padded example per row",
     "val_data": "validation JSONL (default for a JSONL --data: every 20th record is held out)",
     "eval_tasks": "comma-separated built-in tasks also evaluated (their val split)",
@@ -254,7 +263,10 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         model.trainable_adapter(name)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # the adapter's init above is the same on every rank; dropout differs
     runner = AdapterRunner(model, name)
-    wrapped = wrap_model(runner, d, device)  # DDP over the parameters that train, for world_size > 1
+    if cfg.expert_parallel > 1:  # experts sharded; explicit gradient averaging (expert_parallel.py)
+        wrapped = ExpertParallel(runner, d, cfg.expert_parallel, device, model=model)
+    else:
+        wrapped = wrap_model(runner, d, device)  # DDP over the parameters that train, for world_size > 1
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     train_ex, val_ex, extra_ex = _data(cfg, tok)
     loader = SFTLoader(train_ex, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
@@ -267,7 +279,8 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
             remove_stale_temps(out_dir)  # a checkpoint half-written when the last run was killed
         d.barrier()
         if cfg.full:
-            state, rng = load_checkpoint(resume_path, model, optimizer)
+            shard = (lambda sd, osd: wrapped.shard_state(sd, osd, optimizer)) if cfg.expert_parallel > 1 else None
+            state, rng = load_checkpoint(resume_path, model, optimizer, shard=shard)
         else:
             lora.copy_adapter_weights_(model, name, resume_path)
             optimizer.load_state_dict(torch.load(resume_path / "trainer_state" / "optimizer.pt", map_location="cpu",
@@ -326,14 +339,17 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         if last or (cfg.save_every and n % cfg.save_every == 0):
             state = {"step": n, "loader": loader.state_dict(), "metrics_offset": log.offset(),
                      "world_size": d.world_size, "finetune_config": dataclasses.asdict(cfg)}
+            gathered = _gather(cfg, wrapped, optimizer)  # every rank takes part
             if d.is_main:
-                _save(cfg, model, name, tok, optimizer, state, n)
+                _save(cfg, model, name, tok, optimizer, state, n, gathered)
             d.barrier()  # nobody runs ahead of a half-written checkpoint
     log.close()
     summary["output"] = str(out_dir / ("model" if cfg.full else "adapter"))
+    gathered = _gather(cfg, wrapped, optimizer)
     if d.is_main:
         if cfg.full:
-            model.save_pretrained(out_dir / "model", tokenizer=tok, extra=add_chat_template)
+            model.save_pretrained(out_dir / "model", tokenizer=tok, extra=add_chat_template,
+                                  state_dict=None if gathered is None else gathered[0])
         else:
             model.save_adapter(out_dir / "adapter", name, base_model_name_or_path=str(cfg.base))
     d.barrier()
@@ -350,10 +366,18 @@ class _RankLog:
         return getattr(self.log, name) if self.log is not None else (lambda *a, **k: None)
 
 
-def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, state: dict, step: int) -> Path:
+def _gather(cfg: FinetuneConfig, wrapped, optimizer) -> tuple[dict, dict] | None:
+    """Full fine-tuning under expert parallelism: (model, optimizer) state with the experts gathered; else None
+    (a LoRA adapter never holds expert factors there)."""
+    return wrapped.full_state(optimizer) if cfg.full and isinstance(wrapped, ExpertParallel) else None
+
+
+def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, state: dict, step: int,
+          gathered: tuple[dict, dict] | None = None) -> Path:
     """checkpoints/step-N: a full model directory (full) or an adapter directory (LoRA), + trainer_state/."""
     if cfg.full:
-        return save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last)
+        return save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last,
+                               gathered)
     tensors = lora.adapter_state_dict(model, name)
     peft_cfg = lora.peft_config_dict(model, name, str(cfg.base))
     rng = rng_state()
