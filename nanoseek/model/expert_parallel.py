@@ -93,8 +93,11 @@ class ExpertGroup:
         send_counts = pair.sum(0)  # (R,)
         recv_counts = torch.empty_like(send_counts)
         tdist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        s_split, r_split = send_counts.tolist(), recv_counts.tolist()
-        self._count(x, idx, dest, pair, s_split, K)
+        per_token = torch.cat([pair.sum(1), send_counts.new_zeros(1)])  # (N+1,) destinations of each token
+        host = torch.cat([send_counts, recv_counts, (dest != self.rank).sum().view(1), per_token.max().view(1)])
+        host = host.tolist()  # the one device -> host sync: split sizes and statistics together
+        s_split, r_split = host[:R], host[R:2 * R]
+        self._count(N, K, x.shape[1] * x.element_size(), s_split, host[-2], host[-1])
         M = sum(r_split)
         rx = all_to_all_single(x.new_empty(M, x.shape[1]), x[tok].contiguous(), r_split, s_split, self.group)
         rw = all_to_all_single(send_w.new_empty(M, K), send_w.contiguous(), r_split, s_split, self.group)
@@ -107,17 +110,17 @@ class ExpertGroup:
         back = all_to_all_single(y.new_empty(len(tok), y.shape[1]), y, s_split, r_split, self.group)  # (S, H)
         return torch.zeros(N, back.shape[1], dtype=back.dtype, device=back.device).index_add_(0, tok, back)
 
-    def _count(self, x, idx, dest, pair, s_split, K) -> None:
+    def _count(self, n_tokens, K, row_bytes, s_split, copies_remote, max_dest) -> None:
         st = self.stats
         remote_rows = sum(s_split) - s_split[self.rank]
         st.calls += 1
-        st.tokens += idx.shape[0]
-        st.copies += idx.shape[0] * K
-        st.copies_remote += int((dest != self.rank).sum())
+        st.tokens += n_tokens
+        st.copies += n_tokens * K
+        st.copies_remote += copies_remote
         st.rows += sum(s_split)
         st.rows_remote += remote_rows
-        st.bytes_remote += remote_rows * x.shape[1] * x.element_size()
-        st.max_destinations = max(st.max_destinations, int(pair.sum(1).max()) if idx.shape[0] else 0)
+        st.bytes_remote += remote_rows * row_bytes
+        st.max_destinations = max(st.max_destinations, max_dest)
 
 
 def check_divisible(n_experts: int, size: int) -> None:

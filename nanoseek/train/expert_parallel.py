@@ -88,18 +88,17 @@ class ExpertParallel(nn.Module):
     def reduce_and_clip_(self, max_norm: float) -> torch.Tensor:
         """Average the step's gradients (see the module docstring), clip to the global norm; returns it."""
         rep, exp = self._split()
-        for params, group in ((rep, None), (exp, self.dp_group)):
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            if not grads:
+        for params, group in ((rep, None), (exp, self.dp_group)):  # None: all W ranks
+            if not params:
                 continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             tdist.all_reduce(flat, group=group)
             flat /= self.world
             for p, g in zip(params, flat.split([q.numel() for q in params])):
-                p.grad = g.view_as(p).clone()
-        sq = [torch.zeros((), dtype=torch.float32, device=p.device) for p in rep[:1] or exp[:1]]
-        rep_sq = sum((p.grad.float().pow(2).sum() for p in rep), sq[0])
-        exp_sq = sum((p.grad.float().pow(2).sum() for p in exp), torch.zeros_like(sq[0]))
+                p.grad = g.view_as(p)  # views of the reduced buffer (as DDP's gradient_as_bucket_view)
+        zero = torch.zeros((), dtype=torch.float32, device=next(self.model.parameters()).device)
+        rep_sq = sum((p.grad.float().pow(2).sum() for p in rep), zero)  # equal on every rank
+        exp_sq = sum((p.grad.float().pow(2).sum() for p in exp), zero)  # this rank's shard
         tdist.all_reduce(exp_sq, group=self.ep.group)
         norm = (rep_sq + exp_sq).sqrt()
         if max_norm > 0:
