@@ -171,6 +171,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         record = {"step": n, **dict(zip(LOSS_PARTS, parts_cpu)), "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tps, "mfu": (fpt * tps / (peak * d.world_size)) if peak else None,
                   "step_time_s": dt, "max_memory_bytes": peak_memory_bytes(device), "router_gamma": gamma}
+        if isinstance(wrapped, ExpertParallel):  # rank 0's dispatch traffic (activation bytes to other ranks)
+            st = wrapped.ep.stats
+            record["ep_bytes_per_token_layer"] = st.bytes_remote / max(st.tokens, 1)
+            st.reset()
         if load is not None:
             record["max_vio"] = max_vio(load).tolist()
             record["expert_load"] = load.round().long().tolist()

@@ -67,7 +67,8 @@ def test_two_ranks_expert_parallel_match_one(one_process, two_ranks):
     (one, one_dir), (two, two_dir) = one_process, two_ranks
     assert_same_curve(one, two)
     assert_same_weights(final_weights(one_dir), final_weights(two_dir))
-    assert all(r["mtp_loss"] > 0 for r in two if "loss" in r)
+    assert all(r["mtp_loss"] > 0 and r["ep_bytes_per_token_layer"] > 0 for r in two if "loss" in r)
+    assert not any("ep_bytes_per_token_layer" in r for r in one)
 
 
 def test_resume_with_other_rank_count(tiny_corpus, cache_dir, tmp_path, one_process, two_ranks):
@@ -95,9 +96,10 @@ def test_no_node_limit_two_ranks_match_one(tiny_corpus, cache_dir, tmp_path):
 @pytest.mark.parametrize("ep", [4, 2])
 def test_four_ranks_match_one(tiny_corpus, cache_dir, tmp_path, one_process, ep):
     """4 ranks: mesh (1, 4) (2 experts per rank) and (2, 2) (experts replicated over 2 data-parallel ranks,
-    their gradients averaged over that column)."""
+    their gradients averaged over that column; there with 2 micro-batches of 1 per step)."""
     one, one_dir = one_process
-    four = launch(4, tiny_corpus, cache_dir, tmp_path / "ep4", batch_size=2, expert_parallel=ep, **STEPS)
+    batch = dict(batch_size=2) if ep == 4 else dict(batch_size=1, grad_accum=2)
+    four = launch(4, tiny_corpus, cache_dir, tmp_path / "ep4", expert_parallel=ep, **batch, **STEPS)
     assert_same_curve(one, four)
     assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "ep4"))
 
