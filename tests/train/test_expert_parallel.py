@@ -98,7 +98,8 @@ def test_four_ranks_match_one(tiny_corpus, cache_dir, tmp_path, one_process, ep)
     """4 ranks: mesh (1, 4) (2 experts per rank) and (2, 2) (experts replicated over 2 data-parallel ranks,
     their gradients averaged over that column; there with 2 micro-batches of 1 per step)."""
     one, one_dir = one_process
-    batch = dict(batch_size=2) if ep == 4 else dict(batch_size=1, grad_accum=2)
+    # evaluation takes batches of batch_size x world windows: 8 x 4 windows = the 1-process run's 4 x 8
+    batch = dict(batch_size=2) if ep == 4 else dict(batch_size=1, grad_accum=2, eval_batches=8)
     four = launch(4, tiny_corpus, cache_dir, tmp_path / "ep4", expert_parallel=ep, **batch, **STEPS)
     assert_same_curve(one, four)
     assert_same_weights(final_weights(one_dir), final_weights(tmp_path / "ep4"))
