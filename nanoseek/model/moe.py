@@ -12,7 +12,8 @@ No token is dropped: every token reaches its k experts.
 Routed experts are stacked weights (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), HF's in-memory layout)
 run by `grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
 every expert's rows (`torch._grouped_mm`; a padded batched matmul where that kernel is unavailable). There
-is no Python loop over experts. On disk the experts are per-expert HF keys (see checkpoint.py).
+is no Python loop over experts. On disk the experts are per-expert HF keys (see checkpoint.py). Under expert
+parallelism (`Experts.ep` set, see expert_parallel.py) a rank holds E/N of them and tokens are dispatched to them.
 
 Balancing: the forward returns the per-expert load (token count) of the step as data; the model applies the
 auxiliary-loss-free update `b_i += gamma * sign(mean_load - load_i)` from it. The balance loss is either the
@@ -129,6 +130,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""
         if self.ep is not None:  # expert parallel: this rank holds experts [lo, hi) only
+            if len(self.lora_A):  # an adapter added after sharding: its per-expert factors are not sharded
+                raise ValueError("LoRA adapters on routed experts are not supported with expert parallelism")
             return self.ep.dispatch_combine(x, idx, weights, self.gate_up_proj.shape[0], self.grouped)
         N, K = idx.shape
         flat = idx.flatten()  # (N*K,) expert of each token copy

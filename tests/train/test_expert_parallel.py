@@ -133,6 +133,11 @@ def test_lora_on_experts_is_refused_clearly():
     model.add_adapter("a", LoraConfig(r=2, target_modules="all-linear"))
     with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
         shard_experts(model, ExpertGroup(size=2, rank=0))
+    plain = Model(ds())
+    shard_experts(plain, ExpertGroup(size=2, rank=0))
+    plain.add_adapter("late", LoraConfig(r=2, target_modules="all-linear"))  # after sharding
+    with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
+        plain(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_shard_keeps_this_ranks_experts():
