@@ -198,7 +198,9 @@ class AsyncEngine:
 
         def cmd():
             try:
-                fut.set_result(fn())
+                result = fn()
+                self._publish()  # a caller that awaited a load sees the adapter in adapter_names
+                fut.set_result(result)
             except Exception as e:
                 fut.set_exception(e)
 
