@@ -6,7 +6,7 @@ What. `Engine(model, tokenizer, config, adapters)`: `add_request` / `abort_reque
     (paged_cache.py) and per-row adapter indices -> per-request sampling (sampling.py) -> detokenization and
     stop checks (detokenizer.py) -> RequestOutputs.
 The model only ever sees a cache object and an adapter index per row; it never sees the scheduler.
-Adapters. Each load gets an internal name `name@version` (a new version on every load, so a reloaded adapter
+Adapters. Each load gets an internal name `name__v<load number>` (a new version on every load, so a reloaded adapter
 never shares prefix-cache blocks with its predecessor); requests already admitted keep the version they
 started with, and a replaced or unloaded version is deleted from the model once no request uses it. A forward
 stacks only the resident adapters (`AdapterSlots`, at most `max_loras`, LRU); on this CPU build every adapter
@@ -17,6 +17,7 @@ adapters as separate forwards (Punica's point: one gathered matmul per layer is 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from .paged_cache import KVPool, PagedCache
 from .sampling import SamplingParams, make_generator, sample_token, top_logprobs
 from .scheduler import Scheduler, Sequence
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 CPU_POOL_BYTES = 1 << 30  # default pool cap on CPU when kv_cache_tokens is not given
 GPU_POOL_FRACTION = 0.9  # of free accelerator memory
 
@@ -123,10 +125,10 @@ class Engine:
     def load_adapter(self, name: str, path) -> None:
         """Load a PEFT directory as `name` (replacing a loaded one: a new version); ValueError, nothing changed,
         if the directory is not a valid adapter for this model."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name {name!r}: must be a non-empty string without '.'")
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r}: must be letters, digits, '_' or '-'")
         self._loads += 1
-        internal = f"{name}@{self._loads}"
+        internal = f"{name}__v{self._loads}"
         try:
             self.model.load_adapter(path, internal)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:

@@ -33,7 +33,7 @@ class Sequence:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    adapter: str | None  # internal adapter name (name@version), None = the base
+    adapter: str | None  # internal adapter name (name__v<n>), None = the base
     adapter_key: str  # prefix-cache key part: unique per adapter load
     detok: Detokenizer
     gen: torch.Generator
