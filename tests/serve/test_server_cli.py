@@ -49,6 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a whole server process: ~10-20 s on a busy 2-core machine
 def test_sigterm_finishes_in_flight_and_exits_0(sft_base, tmp_path):
     model = Model.from_pretrained(sft_base / "base")
     torch.manual_seed(0)
