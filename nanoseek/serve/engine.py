@@ -97,6 +97,7 @@ class Engine:
         self._adapters: dict[str, str] = {n: n for n in model.adapters}  # public name -> internal name
         self._keys: dict[str, str] = {n: f"{n}\0{0}" for n in model.adapters}  # internal name -> cache key
         self._retired: set[str] = set()
+        model.lora_context.stack_cache = {}  # per-row LoRA stacks kept across steps (cleared on any change)
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
 
@@ -137,6 +138,7 @@ class Engine:
             self._retire(self._adapters[name])
         self._adapters[name] = internal
         self._keys[internal] = f"{internal}\0{self._loads}"
+        self.model.lora_context.stack_cache.clear()
 
     def unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
@@ -155,6 +157,7 @@ class Engine:
             self.scheduler.slots.drop(internal)
             self.model.delete_adapter(internal)
             self._keys.pop(internal, None)
+            self.model.lora_context.stack_cache.clear()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -231,6 +234,9 @@ class Engine:
         n_new = torch.tensor([n for _, n in batch])
         cache = PagedCache(self.pool, tables.to(dev), starts.to(dev), n_new.to(dev))
         names = self.scheduler.slots.names()
+        cache_of = self.model.lora_context.stack_cache
+        if len(cache_of) > 1 or (cache_of and tuple(names) not in cache_of):
+            cache_of.clear()  # keep the stacks of the current resident set only
         rows = [-1 if s.adapter is None else names.index(s.adapter) for s, _ in batch]
         adapter = None if all(r == -1 for r in rows) else torch.tensor(rows, device=dev)
         logits = self.model(ids.to(dev), cache=cache, adapter=adapter, adapter_names=names)  # (B, T, V)
