@@ -3,6 +3,7 @@ architectures, with mixed adapters (ranks 2-4; routed experts and kv_b_proj targ
 chunked prefill and prompts crossing block boundaries; preemption, prefix caching and adapter swaps too."""
 
 import pytest
+import torch
 
 from tests.serve.engine_helpers import adapter_dirs, greedy, greedy_ref, make_engine, reference, run
 from tests.tiny import ds, gpt2, tokens
@@ -93,3 +94,10 @@ def test_adapter_reload_same_name_never_reuses_old_blocks(tmp_path):
     assert engine.adapter_names == ["x"] and len(engine.model.adapters) == 1  # the old version is gone
     c = run(engine, {0: [("c", prompt, greedy(5), "x")]})  # the new version's blocks are reused
     assert engine.stats()["prefix_hits"] > hits and c["c"]["tokens"] == b["b"]["tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_equals_generate_on_cuda(tmp_path):
+    """The same property with the engine on a CUDA device (reference on CPU, fp32). Waits for a GPU."""
+    _check(ds(), tmp_path, lambda r: {0: r[:3], 2: r[3:]}, device="cuda", max_batch_tokens=8)
