@@ -3,10 +3,13 @@
 Each client sends `--requests-per-client` streamed /v1/completions requests one after the other (model chosen
 round-robin over the base and the adapters, `ignore_eos` so every request generates exactly --max-tokens), and
 the script reports requests/s, output tokens/s, time to first token (TTFT) and inter-token latency (ITL: the
-gap between consecutive streamed chunks that carry text) at p50 and p99, plus TPOT (a request's
-(last - first token time) / (tokens - 1)), ending with one JSON line.
+gap between consecutive streamed tokens, from per-token chunks) at p50 and p99, plus TPOT (a request's
+(last - first token time) / (tokens - 1)), ending with one JSON line. With adapters, --compare-base also runs
+the same load on the base alone, interleaved round by round on the same server (a shared machine's load then
+hits both alike), and reports the mixed / base-only ratio of output tokens/s.
 
     python3 benchmarks/serve_http.py                                  # a random-weight dsv3-tiny, base only
+    python3 benchmarks/serve_http.py --random-adapters 8              # ... and 8 random adapters, mixed
     python3 benchmarks/serve_http.py --checkpoint CKPT --adapter email=DIR --adapter tkinter=DIR
     python3 benchmarks/serve_http.py --url http://127.0.0.1:8000      # a server that is already running
     from benchmarks.serve_http import run_http_benchmark              # run_http_benchmark(url, models, ...)
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from nanoseek import Model, ModelConfig  # noqa: E402
+from nanoseek import LoraConfig, Model, ModelConfig  # noqa: E402
 from nanoseek.data import train_tokenizer  # noqa: E402
 
 PROMPTS = ["import os\n", "def main(", "class Config:\n", "for i in range(", "# Copyright", "if __name__ == "]
@@ -51,10 +54,13 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def _one_request(http, url: str, model: str, prompt: str, max_tokens: int, headers: dict) -> dict:
+    # logprobs=0 with token ids: every token makes a chunk (even one whose text is held back or empty)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0,
+            "return_tokens_as_token_ids": True}
     start = time.perf_counter()
     times: list[float] = []
+    gaps: list[float] = []
     tokens = 0
     async with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
@@ -67,12 +73,16 @@ async def _one_request(http, url: str, model: str, prompt: str, max_tokens: int,
                 raise RuntimeError(chunk["error"]["message"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("text") for c in chunk.get("choices", [])):
-                times.append(time.perf_counter())
+            n = sum(len((c.get("logprobs") or {}).get("tokens", [])) for c in chunk.get("choices", []))
+            if n:
+                now = time.perf_counter()
+                if times:  # a chunk of n tokens: n gaps of equal share
+                    gaps += [(now - times[-1]) / n] * n
+                times.append(now)
     if not times:
-        raise RuntimeError("no text streamed")
-    return {"ttft": times[0] - start, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
-            "tpot": (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else None, "end": time.perf_counter()}
+        raise RuntimeError("no token streamed")
+    return {"ttft": times[0] - start, "gaps": gaps, "tokens": tokens,
+            "tpot": (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else None}
 
 
 async def _run(url: str, models: list[str], clients: int, per_client: int, max_tokens: int, api_key: str | None):
@@ -117,14 +127,22 @@ def run_http_benchmark(url: str, models: list[str], clients: int = 16, requests_
 
 
 # ---------------------------------------------------------------------------------------------- a server to test
-def tiny_checkpoint(directory: Path) -> Path:
-    """A random-weight dsv3-tiny with a small tokenizer: a stand-in when no checkpoint is given."""
+def tiny_checkpoint(directory: Path, num_adapters: int = 0, rank: int = 16) -> tuple[Path, list[str]]:
+    """A random-weight dsv3-tiny with a small tokenizer (a stand-in when no checkpoint is given) and
+    num_adapters random LoRA adapters on every linear layer and expert; returns (dir, ["name=DIR", ...])."""
     tok = train_tokenizer([p * 20 for p in PROMPTS] * 10, vocab_size=512)
     cfg = ModelConfig.from_preset("dsv3-tiny")
     cfg.vocab_size = tok.vocab_size
     torch.manual_seed(0)
-    Model(cfg).save_pretrained(directory / "tiny", tokenizer=tok)
-    return directory / "tiny"
+    model = Model(cfg)
+    model.save_pretrained(directory / "tiny", tokenizer=tok)
+    specs = []
+    for i in range(num_adapters):
+        model.add_adapter(f"lora{i}", LoraConfig(r=rank, init_lora_weights=False, target_modules="all-linear"))
+        model.save_adapter(directory / f"lora{i}", f"lora{i}")
+        model.delete_adapter(f"lora{i}")
+        specs.append(f"lora{i}={directory / f'lora{i}'}")
+    return directory / "tiny", specs
 
 
 def start_server(checkpoint: Path, adapters: list[str], extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -159,12 +177,17 @@ def main() -> None:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: a random-weight dsv3-tiny)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="adapter to serve (repeat)")
+    ap.add_argument("--random-adapters", type=int, default=0,
+                    help="without --checkpoint: serve this many random r=16 adapters beside the random base")
     ap.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (ignore_eos)")
+    ap.add_argument("--compare-base", action="store_true",
+                    help="also run the load on the base model alone, interleaved, and report the ratio")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the run(s) this many times")
     ap.add_argument("--server-args", default="", help="extra `nanoseek serve` flags, e.g. '--max-batch-tokens 512'")
     a = ap.parse_args()
-    for name in ("clients", "requests_per_client", "max_tokens"):
+    for name in ("clients", "requests_per_client", "max_tokens", "rounds"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     try:
@@ -179,29 +202,48 @@ def main() -> None:
     url = a.url
     if url is None:
         tmp = tempfile.TemporaryDirectory()
-        ckpt = Path(a.checkpoint) if a.checkpoint else tiny_checkpoint(Path(tmp.name))
-        proc, url = start_server(ckpt, a.adapter, a.server_args.split())
+        if a.checkpoint:
+            ckpt, adapters = Path(a.checkpoint), a.adapter
+        else:
+            ckpt, adapters = tiny_checkpoint(Path(tmp.name), a.random_adapters)
+        proc, url = start_server(ckpt, adapters, a.server_args.split())
     try:
         headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
         models = a.models.split(",") if a.models else \
             [m["id"] for m in httpx.get(url + "/v1/models", headers=headers).json()["data"]]
-        res = run_http_benchmark(url, models, a.clients, a.requests_per_client, a.max_tokens, a.api_key)
+        kinds = ["base_only", "mixed"] if a.compare_base and len(models) > 1 else ["mixed"]
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
+        for _ in range(a.rounds):
+            for kind in kinds:
+                runs[kind].append(run_http_benchmark(url, models[:1] if kind == "base_only" else models, a.clients,
+                                                     a.requests_per_client, a.max_tokens, a.api_key))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
         if tmp is not None:
             tmp.cleanup()
-    print(f"{res['clients']} streaming clients x {a.requests_per_client} requests x {a.max_tokens} tokens over "
-          f"{len(models)} model(s) {', '.join(models)}")
-    print(f"{'requests':<22}{res['requests']} ({res['errors']} errors)")
-    print(f"{'requests/s':<22}{res['requests_per_s']:.2f}")
-    print(f"{'output tokens/s':<22}{res['output_tokens_per_s']:.1f}")
-    for key, label in (("ttft_ms", "TTFT ms"), ("itl_ms", "inter-token ms"), ("tpot_ms", "TPOT ms")):
-        v = res[key]
-        print(f"{label:<22}p50 {v['p50'] or float('nan'):8.1f}   p99 {v['p99'] or float('nan'):8.1f}")
+    print(f"{a.clients} streaming clients x {a.requests_per_client} requests x {a.max_tokens} tokens; models "
+          f"{', '.join(models)}; {a.rounds} round(s)")
+    print(f"{'run':<12}{'requests':>9}{'errors':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
+          f"{'ITL p50':>9}{'p99':>8}{'TPOT p50':>10}")
+    for kind, results in runs.items():
+        for res in results:
+            lat = [res[k][q] or 0.0 for k, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"),
+                                                 ("itl_ms", "p99"), ("tpot_ms", "p50"))]
+            print(f"{kind:<12}{res['requests']:>9}{res['errors']:>7}{res['requests_per_s']:>8.2f}"
+                  f"{res['output_tokens_per_s']:>8.1f}{lat[0]:>10.1f}{lat[1]:>8.1f}{lat[2]:>9.1f}{lat[3]:>8.1f}"
+                  f"{lat[4]:>10.1f}")
+    summary = {}
+    if "base_only" in runs:
+        tps = {k: sorted(r["output_tokens_per_s"] for r in v)[len(v) // 2] for k, v in runs.items()}
+        summary["mixed_over_base_only_tokens_per_s"] = tps["mixed"] / tps["base_only"]
+        print(f"mixed over {len(models)} models / base only (output tokens/s, median of rounds): "
+              f"{summary['mixed_over_base_only_tokens_per_s']:.2f}x")
     print(json.dumps({"benchmark": "serve_http", "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                      "checkpoint": a.checkpoint or ("(url)" if a.url else "random dsv3-tiny"), **res}))
+                      "checkpoint": a.checkpoint or ("(url)" if a.url else "random dsv3-tiny"), "models": models,
+                      "clients": a.clients, "requests_per_client": a.requests_per_client,
+                      "max_tokens": a.max_tokens, **summary, "runs": runs}))
 
 
 if __name__ == "__main__":
