@@ -16,12 +16,12 @@ import httpx
 import openai
 import pytest
 import torch
-from nanoseek.serve.engine import Engine
 
 from nanoseek import LoraConfig
 from nanoseek.data import Tokenizer, train_tokenizer
 from nanoseek.data.sft import encode_record
 from nanoseek.serve.async_engine import AsyncEngine
+from nanoseek.serve.engine import Engine
 from nanoseek.serve.server import ServerSettings, ServerThread, create_app
 from tests.tiny import ds, make_model
 
@@ -311,6 +311,12 @@ def test_queue_full_429_and_disconnect_frees_blocks(env):
     idle = wait_idle(env)
     long = {"model": BASE, "prompt": "x", "max_tokens": CTX - 8, "ignore_eos": True, "stream": True}
 
+    async def until(condition, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out; engine stats {eng.stats}"
+            await asyncio.sleep(0.005)
+
     async def scenario():
         async with httpx.AsyncClient(timeout=60) as http:
             streams = []
@@ -321,14 +327,12 @@ def test_queue_full_429_and_disconnect_frees_blocks(env):
                 while not (await lines.__anext__()).startswith("data: {"):
                     pass
                 streams.append((cm, lines))
-            while eng.stats["running"] < 4:  # stats are published just after the step that streamed
-                await asyncio.sleep(0.005)
+            await until(lambda: eng.stats["running"] >= 4)  # stats are published just after the step that streamed
             gen_before = eng.stats["generated_tokens"]
             headers = {"Authorization": "Bearer sesame"}
             waiter = asyncio.create_task(http.post(env["key_url"] + "/v1/completions", headers=headers,
                                                    json={"model": BASE, "prompt": "y", "max_tokens": 2}))
-            while eng.num_waiting < 1:
-                await asyncio.sleep(0.005)
+            await until(lambda: eng.num_waiting >= 1)
             refused = await http.post(env["key_url"] + "/v1/completions", headers=headers,
                                       json={"model": BASE, "prompt": "z", "max_tokens": 2})
             for _, lines in streams[:2]:  # read a little more, then drop the connection
