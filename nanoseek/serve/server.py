@@ -24,8 +24,9 @@ two apps (the tests run a second one with an API key and a tiny queue), and the 
 caller's: `serve()` owns it for the command line.
 
 Rejected: one engine request per chat "n" choice (n > 1 is refused clearly instead: one choice per request keeps
-usage and streaming simple); catching client disconnects by polling `request.is_disconnected()` (Starlette
-already cancels a streaming response on disconnect); uvicorn's access log (it cannot say tokens or latency).
+usage and streaming simple); polling `request.is_disconnected()` for streams (Starlette already cancels a
+streaming response on disconnect; only non-streamed answers poll); uvicorn's access log (it cannot say tokens or
+latency).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ from .protocol import (
 
 log = logging.getLogger("nanoseek.serve")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 @dataclass
@@ -248,7 +250,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             return sse(_completion_chunks(engine, rid, req, collect, records))
-        results = await asyncio.gather(*[_gather(c) for c in collect])
+        results = await _unless_disconnected(request, asyncio.gather(*[_gather(c) for c in collect]))
         as_ids, want_lp = req.return_tokens_as_token_ids, req.logprobs is not None
         choices = [CompletionChoice(index=i, text="".join(o.new_text for o in outs), finish_reason=rec.finish,
                                     logprobs=completion_logprobs(engine, outs, as_ids) if want_lp else None)
@@ -271,7 +273,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             return sse(_chat_chunks(engine, rid, req, outputs, rec))
-        outs = await _gather(outputs)
+        outs = await _unless_disconnected(request, _gather(outputs))
         logprobs = chat_logprobs(engine, outs, req.return_tokens_as_token_ids) if req.logprobs else None
         return ChatCompletionResponse(
             id=rid, model=req.model, usage=_usage([rec]),
@@ -386,6 +388,25 @@ async def _collect(engine: AsyncEngine, metrics: ServerMetrics, stream: RequestS
 
 async def _gather(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
     return [o async for o in outputs]
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await work (a non-streamed answer); if the client hangs up first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():  # the client left
+        task.cancel()
+        raise APIError(499, "client closed the request")
+    return task.result()
 
 
 def _usage(records: list[_Record]) -> Usage:

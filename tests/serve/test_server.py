@@ -353,6 +353,17 @@ def test_queue_full_429_and_disconnect_frees_blocks(env):
     assert 'nanoseek_requests_total{adapter="base",status="499"}' in metrics
 
 
+def test_non_streamed_request_is_aborted_when_the_client_leaves(env):
+    wait_idle(env)
+    gen_before = env["engine"].stats["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(env["url"] + "/v1/completions", timeout=httpx.Timeout(60, read=0.2),
+                   json={"model": "a1", "prompt": "x", "max_tokens": CTX - 8, "ignore_eos": True})
+    after = wait_idle(env)
+    assert after["generated_tokens"] - gen_before < CTX - 8  # stopped early, not run to max_tokens
+    assert 'nanoseek_requests_total{adapter="a1",status="499"}' in httpx.get(env["url"] + "/metrics").text
+
+
 # ---------------------------------------------------------------------------------------------- metrics, page
 def test_metrics_have_the_series(env, client):
     client.completions.create(model="a1", prompt="x", max_tokens=3, stream=True).close()
