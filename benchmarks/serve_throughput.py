@@ -171,6 +171,7 @@ def hf_setup(ckpt: Path, device: str, prompts: torch.Tensor, N: int, attn: dict[
     """transformers generate (batch 1 and B) and, when peft imports, PEFT's adapter_names mixed batch."""
     import transformers
 
+    transformers.logging.set_verbosity_error()  # the MTP layer's weights are unused by transformers: expected
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
     x = prompts.to(device)
     kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)

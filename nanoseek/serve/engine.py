@@ -71,7 +71,13 @@ class RequestOutput:
 
 
 def _dtype(d) -> torch.dtype | None:
-    return getattr(torch, d) if isinstance(d, str) else d
+    """None, a torch.dtype, or its name ("bfloat16", "torch.float16")."""
+    if not isinstance(d, str):
+        return d
+    dt = getattr(torch, d.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype: unknown dtype {d!r} (e.g. float32, bfloat16, float16)")
+    return dt
 
 
 class Engine:
