@@ -9,8 +9,9 @@ The model only ever sees a cache object and an adapter index per row; it never s
 Adapters. Each load gets an internal name `name__v<load number>` (a new version on every load, so a reloaded adapter
 never shares prefix-cache blocks with its predecessor); requests already admitted keep the version they
 started with, and a replaced or unloaded version is deleted from the model once no request uses it. A forward
-stacks only the resident adapters (`AdapterSlots`, at most `max_loras`, LRU); on this CPU build every adapter
-stays in the model's memory, so "swapping" changes what the per-forward stacks hold, not where weights live.
+stacks only the resident adapters (`AdapterSlots`, at most `max_loras`, LRU). On an accelerator the other
+adapters' weights wait in host memory and move in when their slot is taken, between steps (`_place_adapters`);
+on CPU host and device memory are one, so a swap only changes what the per-forward stacks hold.
 Rejected: merging an adapter into the weights per batch (serialises tenants); running rows of different
 adapters as separate forwards (Punica's point: one gathered matmul per layer is near base speed).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Tokenizer
+from ..lora import adapter_parameters
 from ..model import Model
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
@@ -103,6 +105,7 @@ class Engine:
         self._adapters: dict[str, str] = {n: n for n in model.adapters}  # public name -> internal name
         self._keys: dict[str, str] = {n: f"{n}\0{0}" for n in model.adapters}  # internal name -> cache key
         self._retired: set[str] = set()
+        self._placed: dict[str, torch.device] = {}  # internal adapter name -> where its weights are
         model.lora_context.stack_cache = {}  # per-row LoRA stacks kept across steps (cleared on any change)
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
@@ -163,6 +166,7 @@ class Engine:
             self.scheduler.slots.drop(internal)
             self.model.delete_adapter(internal)
             self._keys.pop(internal, None)
+            self._placed.pop(internal, None)
             self.model.lora_context.stack_cache.clear()
 
     # ------------------------------------------------------------------ requests
@@ -218,6 +222,7 @@ class Engine:
         outputs = [self._final(seq, "", "abort") for seq in self.aborted]
         self.aborted = []
         batch = self.scheduler.schedule()
+        self._place_adapters()
         if batch:
             logits = self._forward(batch)  # (B, V): each row's last new token
             for (seq, n), row in zip(batch, logits):
@@ -226,6 +231,18 @@ class Engine:
                     outputs.append(self._emit(seq, row))
         self._collect_retired()
         return outputs
+
+    def _place_adapters(self) -> None:
+        """Resident adapters' weights on the device, the others in host memory (nothing moves on CPU)."""
+        if self.device.type == "cpu":
+            return
+        resident = set(self.scheduler.slots.resident)
+        for name in self.model.adapters:
+            where = self.device if name in resident else torch.device("cpu")
+            if self._placed.get(name) != where:
+                for _, p in adapter_parameters(self.model, name):
+                    p.data = p.data.to(where)
+                self._placed[name] = where
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         B, T = len(batch), max(n for _, n in batch)

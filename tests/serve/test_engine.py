@@ -5,6 +5,7 @@ chunked prefill and prompts crossing block boundaries; preemption, prefix cachin
 import pytest
 import torch
 
+from nanoseek.lora import adapter_parameters
 from tests.serve.engine_helpers import adapter_dirs, greedy, greedy_ref, make_engine, reference, run
 from tests.tiny import ds, gpt2, tokens
 
@@ -101,3 +102,15 @@ def test_adapter_reload_same_name_never_reuses_old_blocks(tmp_path):
 def test_greedy_equals_generate_on_cuda(tmp_path):
     """The same property with the engine on a CUDA device (reference on CPU, fp32). Waits for a GPU."""
     _check(ds(), tmp_path, lambda r: {0: r[:3], 2: r[3:]}, device="cuda", max_batch_tokens=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_non_resident_adapters_wait_in_host_memory_on_cuda(tmp_path):
+    """max_loras=1 on CUDA: outputs stay exact and only the resident adapter's weights are on the GPU. Waits
+    for a GPU."""
+    engine = _check(ds(), tmp_path, lambda reqs: {0: reqs}, device="cuda", max_loras=1)
+    resident = set(engine.scheduler.slots.resident)
+    for name in engine.model.adapters:
+        devices = {p.device.type for _, p in adapter_parameters(engine.model, name)}
+        assert devices == ({"cuda"} if name in resident else {"cpu"}), (name, devices)

@@ -177,3 +177,19 @@ def test_llm_offline_api_on_a_checkpoint(sft_base):
         ref = model.generate(torch.tensor([ids]), 6)[0, len(ids):].tolist()
         assert out.token_ids == ref and out.finish_reason == "length"
         assert out.text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_long_prompt_never_stalls_running_decodes():
+    # max_batch_tokens=8: a 40-token prompt arriving mid-decode is prefilled in chunks beside the running decodes,
+    # which each get their token on every step
+    engine = make_engine(ds(), max_batch_tokens=8)
+    for rid in ("d0", "d1"):
+        engine.add_request(rid, _prompt(3, seed=len(rid)), greedy(12), None)
+    engine.step()  # both prompts prefilled, first tokens out
+    engine.add_request("long", _prompt(40), greedy(2), None)
+    for step in range(1, 7):
+        outs = {o.request_id: o for o in engine.step()}
+        assert len(outs["d0"].new_token_ids) == len(outs["d1"].new_token_ids) == 1
+        assert "long" not in outs and engine.seqs["long"].num_computed == 6 * step  # the rest of the budget
+    outs = {o.request_id: o for o in engine.step()}  # the last 4 prompt tokens: the long request's first token
+    assert len(outs["long"].new_token_ids) == 1 and len(outs["d0"].new_token_ids) == 1
