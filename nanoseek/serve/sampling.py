@@ -2,14 +2,13 @@
 
 What. `SamplingParams` (OpenAI/vLLM field names) with `validate()`, and `sample_token(logits, params, counts, gen)`:
 penalties on the raw logits (OpenAI: logit[t] -= frequency_penalty * count[t] + presence_penalty * [count[t] > 0],
-counts over the generated tokens), then temperature 0 = argmax, else softmax(logits / T) restricted to top_k and
-top_p, drawn with the request's own `torch.Generator`. `top_logprobs` reads log-probabilities from the raw model
-distribution (before penalties and temperature, as vLLM reports them).
+counts over the generated tokens), then the model's own `sample` (temperature 0 = argmax, else softmax(logits / T)
+restricted to top_k and top_p) on that one row, drawn with the request's own `torch.Generator`. `top_logprobs`
+reads log-probabilities from the raw model distribution (before penalties and temperature, as vLLM reports them).
 Why one row at a time: each request keeps its own generator, so a seeded request draws the same numbers whatever
 its batch mates are (a batched multinomial would share one stream). The cost is a few small ops per row per step,
 small next to the forward.
-Rejected: `nanoseek.model.transformer.sample` for the draw — it takes one setting for the whole batch and has no
-penalties; the filtering math here is the same (top_k by k-th value, top_p keeping the smallest prefix >= p).
+Rejected: one `sample` call over the whole batch - it takes one setting and one generator for every row.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from ..model import sample
 
 MAX_LOGPROBS = 20
 
@@ -88,20 +89,8 @@ def penalize(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor 
 def sample_token(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
                  gen: torch.Generator) -> int:
     """One row of logits (V,) -> the next token id under the request's parameters."""
-    logits = penalize(logits.float(), params, counts)
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p >= params.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs.to(gen.device), 1, generator=gen))
+    logits = penalize(logits.float(), params, counts).to(gen.device)  # (V,) where the generator draws
+    return int(sample(logits[None], params.temperature, params.top_k, params.top_p, generator=gen)[0])
 
 
 def top_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, dict[int, float]]:
