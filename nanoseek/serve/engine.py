@@ -34,13 +34,13 @@ from .scheduler import Scheduler, Sequence
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 CPU_POOL_BYTES = 1 << 30  # default pool cap on CPU when kv_cache_tokens is not given
-GPU_POOL_FRACTION = 0.9  # of free accelerator memory
 
 
 @dataclass
 class EngineConfig:
     block_size: int = 64
-    kv_cache_tokens: int | None = None  # pool size in tokens (None: max_num_seqs full contexts, capped)
+    kv_cache_tokens: int | None = None  # pool size in tokens (None: see kv_cache_fraction / the CPU default)
+    kv_cache_fraction: float = 0.9  # on an accelerator, without kv_cache_tokens: this share of its free memory
     max_batch_tokens: int = 512
     max_num_seqs: int = 64
     max_loras: int = 8
@@ -57,6 +57,9 @@ class EngineConfig:
                                                  self.kv_cache_tokens < self.block_size):
             raise ValueError(f"kv_cache_tokens: must be None or >= block_size ({self.block_size}), "
                              f"got {self.kv_cache_tokens!r}")
+        f = self.kv_cache_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"kv_cache_fraction: must be in (0, 1], got {f!r}")
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Engine:
         per_token = KVPool.bytes_per_token(self.model.config, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(c.block_size, int(free * GPU_POOL_FRACTION) // per_token)
+            return max(c.block_size, int(free * c.kv_cache_fraction) // per_token)
         want = c.max_num_seqs * self.max_model_len
         return max(c.block_size, min(want, CPU_POOL_BYTES // per_token))
 

@@ -193,3 +193,13 @@ def test_long_prompt_never_stalls_running_decodes():
         assert "long" not in outs and engine.seqs["long"].num_computed == 6 * step  # the rest of the budget
     outs = {o.request_id: o for o in engine.step()}  # the last 4 prompt tokens: the long request's first token
     assert len(outs["long"].new_token_ids) == 1 and len(outs["d0"].new_token_ids) == 1
+
+
+def test_engine_config_checks_and_cpu_pool_default():
+    cfg = gpt2()
+    for bad in (dict(block_size=0), dict(max_loras=1.5), dict(kv_cache_tokens=2), dict(kv_cache_fraction=0.0),
+                dict(dtype="float33")):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))}:"):
+            make_engine(cfg, **bad)
+    engine = make_engine(cfg, kv_cache_tokens=None, max_num_seqs=3)  # CPU default: max_num_seqs full contexts
+    assert engine.pool.num_blocks * 4 == 3 * engine.max_model_len
