@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
 import signal
 import socket
@@ -120,7 +121,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):  # constant time
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
