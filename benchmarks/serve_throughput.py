@@ -18,9 +18,11 @@ Prefix caching is off (repeated prompts would hit it; transformers has none). Ev
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-http", action="store_true", help="skip the HTTP benchmark at the end")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers / PEFT comparisons")
+    ap.add_argument("--profile", metavar="CASE", help="only profile one engine case (e.g. engine_b32_mixed8) with "
+                    "cProfile after a warm-up, print the top functions and exit")
     a = ap.parse_args()
     for name in ("batch", "prompt_len", "new_tokens", "rounds", "block_size"):
         if getattr(a, name) < 1:
@@ -124,6 +128,10 @@ def main() -> None:
         f"engine_b{B}_one_adapter_at_a_time": lambda: one_at_a_time(mixed),
         f"engine_b{B}_mixed8_attn": lambda: engine_run(plist, attn_mixed),
     }
+    if a.profile:
+        if a.profile not in cases:
+            ap.error(f"--profile {a.profile!r}: not one of {list(cases)}")
+        return profile(cases[a.profile])
     hf_note = "skipped (--no-hf)"
     if not a.no_hf:
         try:
@@ -165,6 +173,15 @@ def main() -> None:
                       "checkpoint": a.checkpoint or "random dsv3-tiny", "batch": B, "prompt_len": P, "new_tokens": N,
                       "rounds": a.rounds, "median_s": med, "tokens_per_s": tps, "ratios": ratios, "hf": hf_note,
                       "http": http}))
+
+
+def profile(fn) -> None:
+    fn()  # warm-up
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.runcall(fn)
+    print(f"profiled run: {time.perf_counter() - t:.2f} s")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 def hf_setup(ckpt: Path, device: str, prompts: torch.Tensor, N: int, attn: dict[str, str], attn_mixed: list[str]):
