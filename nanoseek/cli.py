@@ -2,6 +2,7 @@
 
     nanoseek info --preset dsv3-tiny --json      parameter, FLOP and KV-cache accounting
     (training, evaluation, generation: see nanoseek/train/commands.py)
+    nanoseek serve --checkpoint DIR --adapter NAME=DIR    OpenAI-compatible server (nanoseek/serve/server.py)
 """
 
 from __future__ import annotations
@@ -130,6 +131,48 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.server import serve
+
+    return serve(args)
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base model and many LoRA adapters",
+                       description="Serve a checkpoint and its LoRA adapters over HTTP with continuous batching: "
+                                   "/v1/completions, /v1/chat/completions (streaming), /v1/models, runtime "
+                                   "/v1/load_lora_adapter, /health, /metrics (Prometheus) and a chat page at /. "
+                                   "SIGTERM stops taking requests, lets in-flight ones finish for --grace seconds, "
+                                   "and exits 0.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config, weights and tokenizer)")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter directory served as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in /v1/models and requests (default: the checkpoint directory's name)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of one engine step: decodes plus prefill chunks (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once (engine default)")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters resident in the batched LoRA stacks at once; others wait in host memory (default 8)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="size of the paged KV-cache pool in tokens (default: the engine's sizing)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block (default 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key; / /health /metrics stay open)")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter for adapters under DIR only")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for their first token above this are refused with 429 (default 256)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight requests may run after SIGTERM before they are aborted (default 10)")
+    p.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_finetune_command(sub)
+    _add_serve_command(sub)
     return parser
 
 

@@ -164,6 +164,9 @@ class LoraContext:
         self.names: list[str] | None = None
         self.rows: torch.Tensor | None = None  # (B,) slot of each row, base rows = len(names)
         self._stacks: dict = {}
+        # Set by a serving engine: stacks kept across forwards, per adapter-name tuple; its owner clears it
+        # whenever adapters are loaded, deleted or changed (None: rebuilt every forward).
+        self.stack_cache: dict | None = None
 
     @contextmanager
     def use(self, adapter, adapter_names=None, batch_size: int | None = None):
@@ -171,7 +174,8 @@ class LoraContext:
         state comes back afterwards (a forward may run inside another one, e.g. a draft model's)."""
         saved = self.adapter, self.names, self.rows, self._stacks
         self.adapter, self.names, self.rows = self._resolve(adapter, adapter_names, batch_size)
-        self._stacks = {}
+        keep = self.stack_cache is not None and self.names is not None
+        self._stacks = self.stack_cache.setdefault(tuple(self.names), {}) if keep else {}
         try:
             yield
         finally:

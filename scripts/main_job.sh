@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: pretrain dsv3-tiny on the built-in corpus (the Python standard library's sources), then
 # evaluate it (bits per byte against the corpus's unigram byte entropy), map experts by domain, print a few
-# samples, and fine-tune one LoRA adapter per tenant task (three stdlib packages) to show that each adapter
-# lowers its own task's loss the most. About 11 minutes on 2 CPU cores.
+# samples, fine-tune one LoRA adapter per tenant task (three stdlib packages) to show that each adapter
+# lowers its own task's loss the most, then serve the base and the three adapters at once (`nanoseek serve`)
+# and query them with the official openai client. About 11 minutes on 2 CPU cores.
 # Usage: scripts/main_job.sh [OUT_DIR] [extra pretrain flags]
 set -euo pipefail
 OUT=${1:-runs/main}
@@ -30,4 +31,20 @@ done
 echo "== LoRA adapters, one per tenant task (email, encodings, tkinter): loss of each adapter on each task"
 $PYTHON benchmarks/adapter_specificity.py --base "$CKPT" --steps 150 --eval-batches 16 --out-dir "$OUT/adapters" \
     --plot "$OUT/adapter_specificity.png" | grep -v '^step\|^nanoseek finetune'
+# serve stage begin: base + the three adapters behind one server, a mixed batch through the openai client
+echo "== serving the checkpoint and its three adapters (nanoseek serve; openai client)"
+PORT=$($PYTHON -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+$NS serve --checkpoint "$CKPT" --served-model-name base --port "$PORT" \
+    --adapter email="$OUT/adapters/email/adapter" --adapter encodings="$OUT/adapters/encodings/adapter" \
+    --adapter tkinter="$OUT/adapters/tkinter/adapter" >"$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+if ! $PYTHON scripts/serve_demo.py --url "http://127.0.0.1:$PORT" --wait 300; then
+    echo "serve stage failed; server log:"; tail -n 30 "$OUT/serve.log"; exit 1
+fi
+kill -TERM $SERVER
+wait $SERVER
+trap - EXIT
+echo "server stopped (exit 0); log in $OUT/serve.log: $(grep -c ' status=200 ' "$OUT/serve.log" || true) requests answered 200"
+# serve stage end
 echo "== main job done in $(( $(date +%s) - start )) s; checkpoint $CKPT, plots and metrics.jsonl in $OUT"
