@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanoseek import LoraConfig
-from nanoseek.model import accept_drafts, filtered_probs
+from nanoseek.model import accept_drafts, decoding, filtered_probs
 from tests import tiny
 from tests.tiny import make_model, tokens
 
@@ -89,6 +89,39 @@ def test_greedy_speculative_eos_matches_plain():
                           num_speculative_tokens=3)
     assert torch.equal(spec, plain)
     assert (plain == 2).any()
+
+
+# ---------------------------------------------------------------------- drafts = the trained MTP's predictions
+def test_drafts_equal_cache_free_mtp_on_the_final_sequence(monkeypatch):
+    """With its own cache, rolled back each round, MTP module 1 drafts exactly what the training-time (cache-free)
+    MTP computes at that position of the final sequence; chained module 2 too where draft 1 was accepted."""
+    model = make_model(ds(4, D=2))
+    x = tokens(4, 6, vocab=4)
+    rounds = []
+    draft = decoding.Speculator.draft
+
+    def recording_draft(self, n):
+        d, q = draft(self, n)
+        rounds.append((n.clone(), d.clone()))
+        return d, q
+
+    monkeypatch.setattr(decoding.Speculator, "draft", recording_draft)
+    out = model.generate(x, 20, prompt_lengths=LENGTHS, speculative=True, num_speculative_tokens=2)
+    with torch.no_grad():
+        main = model(out, return_output=True)
+        h1, l1 = model.mtp_forward(0, out[:, 1:], main.hidden[:, :-1], model.make_mtp_caches(4, 32)[0])
+        _, l2 = model.mtp_forward(1, out[:, 2:], h1[:, :-1], model.make_mtp_caches(4, 32)[1])
+    checked = [0, 0]
+    for n, d in rounds:
+        for b in range(4):
+            i = int(n[b]) - 1  # the drafting position
+            if i + 2 < int(LENGTHS[b]) + 20:
+                assert d[b, 0] == l1[b, i].argmax()
+                checked[0] += 1
+                if out[b, i + 2] == d[b, 0]:  # draft 1 accepted: the final sequence holds it
+                    assert d[b, 1] == l2[b, i].argmax()
+                    checked[1] += 1
+    assert checked[0] > 40 and checked[1] > 3
 
 
 # ---------------------------------------------------------------------- rollback
