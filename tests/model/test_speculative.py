@@ -261,3 +261,13 @@ def test_errors():
         model.generate(tokens(2, 3, vocab=8), 4, prompt_lengths=torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="MTP"):
         make_model(ds(8, D=0)).generate(tokens(1, 3, vocab=8), 4, speculative=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_greedy_speculative_equals_plain():
+    model = make_model(ds(3)).to("cuda")
+    x, lengths = tokens(4, 6, vocab=3).cuda(), LENGTHS.cuda()
+    plain = model.generate(x, 20, prompt_lengths=lengths)
+    spec = model.generate(x, 20, prompt_lengths=lengths, speculative=True, num_speculative_tokens=2)
+    assert torch.equal(spec, plain)
