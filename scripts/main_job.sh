@@ -2,7 +2,8 @@
 # The main job: pretrain dsv3-tiny on the built-in corpus (the Python standard library's sources), then
 # evaluate it (bits per byte against the corpus's unigram byte entropy), map experts by domain, print a few
 # samples, measure MTP speculative decoding (acceptance, tokens/s vs plain), and fine-tune one LoRA adapter per
-# tenant task (three stdlib packages) to show that each adapter lowers its own task's loss the most. About 11 minutes on 2 CPU cores.
+# tenant task (three stdlib packages) to show that each adapter lowers its own task's loss the most.
+# About 12 minutes on 2 CPU cores.
 # Usage: scripts/main_job.sh [OUT_DIR] [extra pretrain flags]
 set -euo pipefail
 OUT=${1:-runs/main}
