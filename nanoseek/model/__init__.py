@@ -1,4 +1,6 @@
 from .attention import KVCache
-from .transformer import Model, ModelOutput, sample
+from .decoding import accept_drafts
+from .sampling import filtered_probs, sample
+from .transformer import Model, ModelOutput
 
-__all__ = ["KVCache", "Model", "ModelOutput", "sample"]
+__all__ = ["KVCache", "Model", "ModelOutput", "accept_drafts", "filtered_probs", "sample"]

@@ -16,7 +16,9 @@ Two ways to attend over the cache:
 Decoding with a cache uses the absorbed form; `absorb=False` forces the naive one (the tests compare them).
 
 KVCache holds one length per row, so rows of different lengths share a batch (continuous batching); the
-mask is built from per-row positions, never from a shared offset.
+mask is built from per-row positions, never from a shared offset. `rollback(n)` forgets each row's last n[b]
+tokens (speculative decoding's rejected drafts): slots past a row's length are masked out (slot <= position)
+and the next tokens overwrite them, so no stale latent is ever attended to.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ class KVCache:
     MLA: `latent` (L, B, S_max, kv_lora_rank + qk_rope_head_dim) = [c_kv ; k_pe] per token.
     MHA: `k`, `v` (L, B, H, S_max, head_dim).
     Call `begin(T)` before a forward of T new tokens per row (the model does it), `end()` after.
+    `first_layer`: the layer index of the first cached layer (an MTP module's own cache holds layer L + k only).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, first_layer: int = 0):
         self.mla = cfg.model_type == "deepseek_v3"
         self.max_len = max_len
+        self.first_layer = first_layer
         L = cfg.num_hidden_layers if num_layers is None else num_layers
         if self.mla:
             width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -71,17 +75,25 @@ class KVCache:
     def end(self) -> None:
         self.lengths += self.positions.shape[1]
 
+    def rollback(self, n: torch.Tensor | int) -> None:
+        """Forget the last n[b] tokens of each row b (n (B,) long or one int for every row)."""
+        n = torch.as_tensor(n, device=self.lengths.device)
+        if bool((n < 0).any()) or bool((n > self.lengths).any()):
+            raise ValueError(f"rollback {n.tolist()} outside 0..lengths {self.lengths.tolist()}")
+        self.lengths -= n
+
     def _rows(self):
         return torch.arange(self.batch_size, device=self.lengths.device)[:, None]
 
     def update_latent(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         """new (B, T, W) -> all cached latents (B, S, W) of this layer, including the new ones."""
+        layer -= self.first_layer
         self.latent[layer][self._rows(), self.positions] = new.to(self.latent.dtype)
         return self.latent[layer, :, : self.span]
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H, T, D) -> cached (B, H, S, D) each."""
-        rows = self._rows()
+        rows, layer = self._rows(), layer - self.first_layer
         self.k[layer].transpose(1, 2)[rows, self.positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer].transpose(1, 2)[rows, self.positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]

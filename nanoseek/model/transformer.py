@@ -32,9 +32,11 @@ from torch import nn
 from .. import lora
 from ..config import ModelConfig
 from ..mup import output_multiplier, rescale_init
+from . import decoding
 from .attention import MLA, GPT2Attention, KVCache
 from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU, linear
 from .moe import MoE
+from .sampling import check_sampling
 
 IGNORE_INDEX = -100
 
@@ -47,6 +49,7 @@ class ModelOutput:
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths (before lambda)
     balance_loss: torch.Tensor | None = None  # summed over MoE layers (alpha included)
     expert_load: torch.Tensor | None = None  # (n_moe_layers, E) tokens routed to each expert
+    hidden: torch.Tensor | None = None  # (B, T, H) last block's output before the final norm (MTP's h^0)
 
 
 class DecoderLayer(nn.Module):
@@ -87,12 +90,12 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, emb, h, rotary, cos, sin, want_loss=False):
+    def forward(self, emb, h, rotary, cos, sin, want_loss=False, cache=None):
         """emb (B, T, H) embeddings of tokens i+k, h (B, T, H) the previous depth's hidden state ->
         (h^k (B, T, H), shared_head.norm(h^k), expert load, balance loss). All of the module's own parameters
-        are used inside its forward, so it can be one FSDP unit."""
+        are used inside its forward, so it can be one FSDP unit. `cache`: the module's own KVCache (decoding)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        h, load, loss = super().forward(x, rotary, cos, sin, want_loss=want_loss)
+        h, load, loss = super().forward(x, rotary, cos, sin, cache=cache, want_loss=want_loss)
         return h, self.shared_head.norm(h), load, loss
 
 
@@ -286,7 +289,8 @@ class Model(nn.Module):
         final = self.transformer.ln_f(hidden) if self.config.model_type == "gpt2" else self.model.norm(hidden)
         logits = self.readout(final)
         if not want_loss:
-            return ModelOutput(logits=logits, expert_load=self._stack_loads(loads)) if return_output else logits
+            return ModelOutput(logits=logits, expert_load=self._stack_loads(loads), hidden=hidden) \
+                if return_output else logits
 
         main_loss = cross_entropy(logits, targets)
         loss, mtp_loss = main_loss, None
@@ -302,7 +306,7 @@ class Model(nn.Module):
                 self.expert_load_accum = torch.zeros(self.num_moe_layers, load.shape[1], device=load.device)
             self.expert_load_accum[: load.shape[0]] += load  # MTP rows stay 0 when MTP is off
         return ModelOutput(logits=logits, loss=loss, main_loss=main_loss, mtp_loss=mtp_loss,
-                           balance_loss=balance, expert_load=load)
+                           balance_loss=balance, expert_load=load, hidden=hidden)
 
     def _gpt2_trunk(self, input_ids, positions, cache):
         t = self.transformer
@@ -378,17 +382,45 @@ class Model(nn.Module):
         p = next(self.parameters())
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype or p.dtype)
 
+    def make_mtp_caches(self, batch_size: int, max_len: int, dtype=None) -> list[KVCache]:
+        """One KVCache per MTP module (its own latent layer L + k, its own per-row lengths)."""
+        p, L = next(self.parameters()), self.config.num_hidden_layers
+        return [KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype or p.dtype, num_layers=1,
+                        first_layer=L + k) for k in range(len(self.mtp))]
+
+    def mtp_forward(self, k: int, input_ids: torch.Tensor, hidden: torch.Tensor, cache: KVCache,
+                    adapter: str | torch.Tensor | None = None, adapter_names: list[str] | None = None):
+        """MTP module k (0-based) with its own cache: input_ids (B, T) the tokens it embeds (t_{i+k+1} at position
+        i), hidden (B, T, H) the previous depth's h -> (h^{k+1} (B, T, H), logits (B, T, V) for t_{i+k+2}).
+        The row's adapter applies here too (LoRA targets include the MTP modules)."""
+        with self.lora_context.use(adapter, adapter_names, input_ids.shape[0]):
+            positions = cache.begin(input_ids.shape[1])  # (B, T) each row from its own length
+            emb = self.embed(input_ids)
+            cos, sin = self.model.rotary(positions, emb.dtype)
+            h, normed, _, _ = self.mtp[k](emb, hidden, self.model.rotary, cos, sin, cache=cache)
+            cache.end()
+            return h, self.readout(normed)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | None = None, adapter: str | torch.Tensor | None = None,
-                 adapter_names: list[str] | None = None) -> torch.Tensor:
+                 adapter_names: list[str] | None = None, prompt_lengths: torch.Tensor | None = None,
+                 speculative: bool = False, num_speculative_tokens: int | None = None,
+                 return_stats: bool = False):
         """Continue each row of input_ids (B, T) by up to max_new_tokens tokens using the KV cache.
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the top_k
         tokens and/or the smallest set with probability >= top_p. Rows that emit eos_token_id keep emitting it;
         generation stops early when every row has. `adapter`/`adapter_names` as in forward. Returns (B, T + n)
         with n <= max_new_tokens.
+        prompt_lengths (B,): rows are left-aligned prompts of these lengths (the rest of a row is ignored); row b
+        of the result is its prompt, its new tokens, then padding (eos_token_id, else 0).
+        speculative: the MTP modules draft num_speculative_tokens tokens (default num_nextn_predict_layers; more
+        than that reuses the last module) and the model verifies them in one forward (decoding.py); the output
+        is the same as without it (token for token when greedy, in distribution when sampling).
+        return_stats: also return a dict (forwards; for speculative decoding also the acceptance by draft
+        position and the mean accepted length), as (tokens, stats).
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -398,25 +430,18 @@ class Model(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings={limit}")
         check_sampling(temperature, top_k, top_p)
+        k = decoding.check_speculative(self.config, speculative, num_speculative_tokens)
+        lengths = decoding.check_prompt_lengths(prompt_lengths, B, T, input_ids.device)
         was_training = self.training
         self.eval()
         try:
             gen = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
-            cache = self.make_cache(B, T + max_new_tokens)
-            logits = self(input_ids, cache=cache, adapter=adapter, adapter_names=adapter_names)[:, -1]
-            out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            for i in range(max_new_tokens):
-                nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
-                if eos_token_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                    done |= nxt == eos_token_id
-                out.append(nxt[:, None])
-                if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
-                    break
-                logits = self(nxt[:, None], cache=cache, adapter=adapter, adapter_names=adapter_names)[:, -1]
+            run = decoding.Decode(self, input_ids, lengths, max_new_tokens, temperature, top_k, top_p, gen,
+                                  eos_token_id, adapter, adapter_names)
+            out, stats = decoding.speculative_decode(run, k) if speculative else decoding.plain_decode(run)
         finally:
             self.train(was_training)
-        return torch.cat(out, dim=1)
+        return (out, stats) if return_stats else out
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -424,30 +449,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be None or >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be None or in (0, 1]")
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -65,6 +65,12 @@ def add_commands(subparsers) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--adapter", default=None, help="a PEFT LoRA directory to run on top of the checkpoint")
+    g.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding: the model's MTP modules draft, the model verifies (same output "
+                        "distribution; identical text when greedy); prints the acceptance statistics")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="drafts per step with --speculative (default: num_nextn_predict_layers; more reuses the "
+                        "last MTP module)")
     g.set_defaults(func=_generate)
 
     e = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
@@ -157,14 +163,23 @@ def _saved_train_config(path: Path) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    if args.num_speculative_tokens is not None and not args.speculative:
+        raise ValueError("--num-speculative-tokens needs --speculative")
     model, tok, _ = _load(args.checkpoint, args.device, args.adapter)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt must not be empty")
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_id)
+    out, stats = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_id,
+                                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                return_stats=True)
     print(args.prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+    if args.speculative:
+        acc = ", ".join(f"{a:.1%}" for a in stats["acceptance_by_position"])
+        print(f"[speculative] acceptance by draft position: {acc}; mean accepted length "
+              f"{stats['mean_accepted_length']:.2f} tokens per verify forward; forwards: main "
+              f"{stats['main_forwards']}, MTP {stats['mtp_forwards']}")
     return 0
 
 

@@ -85,6 +85,19 @@ def test_generate_command(trained_checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(trained_checkpoint / "nope"), "--prompt", "x"]) == 2
 
 
+def test_generate_speculative_command(trained_checkpoint, capsys):
+    argv = ["generate", "--checkpoint", str(trained_checkpoint), "--prompt", "def ", "--max-new-tokens", "12",
+            "--temperature", "0"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--speculative", "--num-speculative-tokens", "2"]) == 0
+    text, stats = capsys.readouterr().out.rsplit("[speculative]", 1)
+    assert text == plain  # greedy: the same text
+    assert "acceptance by draft position" in stats and "mean accepted length" in stats
+    assert main([*argv, "--num-speculative-tokens", "2"]) == 2  # needs --speculative
+    assert main([*argv, "--speculative", "--num-speculative-tokens", "0"]) == 2
+
+
 def test_experts_command(trained_checkpoint, tmp_path, capsys):
     out = tmp_path / "experts"
     assert main(["experts", "--checkpoint", str(trained_checkpoint), "--out", str(out),
