@@ -370,7 +370,12 @@ def test_save_load_round_trip_bit_exact(arch, tmp_path):
         assert f"base_model.model.model.layers.{L}.eh_proj.lora_A.weight" in keys  # MTP on disk = layer L
         assert keys["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape == (5, 32)
         assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in keys
-        assert conf["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+        # DeepseekV3's dense-MLP / shared-expert linears are target_parameters (peft rewrites those module names)
+        assert conf["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj", "mlp.down_proj.weight",
+                                             "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                             "shared_experts.down_proj.weight", "shared_experts.gate_proj.weight",
+                                             "shared_experts.up_proj.weight"]
+        assert not set(conf["target_modules"]) & {"gate_proj", "up_proj", "down_proj"}
     m2 = make(arch)
     m2.load_adapter(tmp_path / "a", "a")
     sd1 = {n: p for n, p in m.named_parameters() if ".lora_" in n}
