@@ -48,9 +48,10 @@ and projection: gate_up_proj as one pair (A (E, r, H), B (E, 2I, r)) and down_pr
 computed as x_sorted A_e^T B_e^T with `grouped_mm`; targeted by "experts" (both), "experts.gate_up_proj" /
 "gate_up_proj" or "experts.down_proj"; the plain names "gate_proj"/"up_proj"/"down_proj" target dense MLPs and
 shared experts only. What PEFT cannot express is left out of the defaults and refused by name:
-  * DoRA: linear layers only (PEFT's parameter wrapper refuses DoRA): no experts, no router, and on DeepseekV3
-    no dense-MLP / shared-expert linears either (peft rewrites those names to the experts, see peft_format.py):
-    DoRA "all-linear" on DeepseekV3 is the attention projections.
+  * DoRA: linear layers only (PEFT's parameter wrapper refuses DoRA): experts and routers are refused. On
+    DeepseekV3 peft cannot load DoRA on the dense-MLP / shared-expert linears either (it rewrites those names to
+    the experts, see peft_format.py): DoRA "all-linear" on DeepseekV3 is the attention projections; naming those
+    linears explicitly works in nanoseek and save_adapter warns that peft will not load the adapter.
   * VeRA: linear layers of the main stack only (no experts, router or MTP modules; transformers drops MTP).
 lora_dropout acts on linear targets only (as in PEFT, whose expert wrapper refuses dropout); the per-row path
 applies none. On disk: see peft_format.py and lora_io.py (MTP module k is `model.layers.{L+k}`: transformers 5
@@ -357,21 +358,25 @@ def candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
     return out
 
 
-def _refusal(model, path: str, module: nn.Module, proj: str | None, cfg) -> str | None:
-    """Why `cfg`'s variant cannot go on this weight (PEFT could not load it), or None when it can."""
+def _refusal(module: nn.Module, proj: str | None, path: str, cfg) -> str | None:
+    """Why `cfg`'s variant cannot go on this weight at all, or None when it can."""
     router = proj is None and not isinstance(module, LoraLinear)
     if isinstance(cfg, VeraConfig):
         if proj is not None or router:
             return "VeRA applies to linear layers only (peft has no VeRA on routed experts or routers)"
         if path.startswith("mtp."):
             return "VeRA is not put on MTP modules (transformers builds none, so peft's shared projection differs)"
-    elif cfg.use_dora:
-        if proj is not None or router:
-            return "DoRA applies to linear layers only (peft refuses DoRA on the routed experts and routers)"
-        if model.config.model_type == "deepseek_v3" and path.rsplit(".", 1)[-1] in MLP_LEAVES:
-            return ("DoRA on DeepseekV3 dense-MLP / shared-expert linears cannot be loaded by peft (it rewrites "
-                    "gate_proj/up_proj/down_proj targets to the routed experts, where DoRA is refused)")
+    elif cfg.use_dora and (proj is not None or router):
+        return "DoRA applies to linear layers only (peft refuses DoRA on the routed experts and routers)"
     return None
+
+
+def peft_cannot_load(model, path: str, cfg) -> bool:
+    """DoRA on a DeepseekV3 dense-MLP / shared-expert linear: nanoseek runs it, but peft 0.21 rewrites every
+    gate_proj/up_proj/down_proj target to the routed experts, where it refuses DoRA. Left out of "all-linear";
+    an explicit target is allowed and save_adapter says that peft will not load the result."""
+    return isinstance(cfg, LoraConfig) and cfg.use_dora and model.config.model_type == "deepseek_v3" and \
+        path.rsplit(".", 1)[-1] in MLP_LEAVES
 
 
 def resolve_targets(model: nn.Module, cfg) -> list[str]:
@@ -380,7 +385,8 @@ def resolve_targets(model: nn.Module, cfg) -> list[str]:
     cands = candidates(model)
     if cfg.target_modules == "all-linear":  # not lm_head, not the routers; the variant's own limits
         return [p for p, (m, proj) in cands.items() if p != "lm_head" and
-                (proj is not None or isinstance(m, LoraLinear)) and _refusal(model, p, m, proj, cfg) is None]
+                (proj is not None or isinstance(m, LoraLinear)) and _refusal(m, proj, p, cfg) is None and
+                not peft_cannot_load(model, p, cfg)]
     chosen: list[str] = []
     for t in cfg.target_modules:
         t = t.strip(".")
@@ -400,10 +406,10 @@ def resolve_targets(model: nn.Module, cfg) -> list[str]:
             raise ValueError(f"adapter target {t!r} matches nothing an adapter can wrap in this "
                              f"{model.config.model_type} model ({why})")
         for h in hits:
-            why = _refusal(model, h, *cands[h], cfg)
+            why = _refusal(*cands[h], h, cfg)
             if why and not (isinstance(cfg, VeraConfig) and h.startswith("mtp.")):  # VeRA skips MTP silently
                 raise ValueError(f"adapter target {t!r} selects {h}: {why}")
-        chosen += [h for h in hits if h not in chosen and _refusal(model, h, *cands[h], cfg) is None]
+        chosen += [h for h in hits if h not in chosen and _refusal(*cands[h], h, cfg) is None]
     if not chosen:
         raise ValueError(f"target_modules={cfg.target_modules!r} selects no weight this adapter type can wrap")
     return chosen
@@ -478,7 +484,7 @@ def attach(model, name: str, cfg, factors: dict[str, dict[str, torch.Tensor]], s
     for path, f in factors.items():
         if path not in cands:
             raise ValueError(f"adapter {name!r}: {path} is not an adapter-capable weight of this model")
-        why = _refusal(model, path, *cands[path], cfg)
+        why = _refusal(*cands[path], path, cfg)
         if why:
             raise ValueError(f"adapter {name!r}: {path}: {why}")
         _check_factors(name, cfg, path, *cands[path], f)

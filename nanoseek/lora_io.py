@@ -28,6 +28,7 @@ from .lora import (
     _owners,
     attach,
     candidates,
+    peft_cannot_load,
     target_shapes,
     vera_dims,
 )
@@ -121,7 +122,13 @@ def save_adapter(model, path, name: str, base_model_name_or_path: str | None = N
 
     tensors = adapter_state_dict(model, name)
     config = peft_config_dict(model, name, base_model_name_or_path)
-    if config.get("target_parameters") and model.lora_context.configs[name].lora_dropout:
+    cfg = model.lora_context.configs[name]
+    lost = sorted({p for _, p in _owners(model, name) if peft_cannot_load(model, p, cfg)})
+    if lost:
+        warnings.warn(f"adapter {name!r}: peft 0.21 cannot load this adapter: DoRA on the DeepseekV3 dense-MLP / "
+                      f"shared-expert linears ({lost[0]}, ... {len(lost)} in all) is refused by peft (it rewrites "
+                      "gate_proj/up_proj/down_proj targets to the routed experts); nanoseek loads it", stacklevel=3)
+    if config.get("target_parameters") and cfg.lora_dropout:
         warnings.warn(f"adapter {name!r}: lora_dropout is written as 0 (peft's parameter wrapper, used for the "
                       f"{config['target_parameters']} targets, refuses dropout; it does not change the logits)",
                       stacklevel=3)
