@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -71,7 +72,7 @@ def finetune_config(base: str, task: str, kind: str, r: int, lr: float, targets:
 
 def run(base: str, task: str, method: tuple, lr: float, a, tmp: Path) -> dict:
     label, kind, r, targets = method
-    cfg = finetune_config(base, task, kind, r, lr, targets, a, tmp / f"{kind}{r}-{lr:g}")
+    cfg = finetune_config(base, task, kind, r, lr, targets, a, tmp / f"{re.sub(r'[^A-Za-z0-9=]+', '_', label)}-{lr:g}")
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,7 +2,8 @@
 # The main job: pretrain dsv3-tiny on the built-in corpus (the Python standard library's sources), then
 # evaluate it (bits per byte against the corpus's unigram byte entropy), map experts by domain, print a few
 # samples, and fine-tune one LoRA adapter per tenant task (three stdlib packages) to show that each adapter
-# lowers its own task's loss the most. About 11 minutes on 2 CPU cores.
+# lowers its own task's loss the most, and that each adapter loads in peft with the same logits. About 11 minutes
+# on 2 CPU cores.
 # Usage: scripts/main_job.sh [OUT_DIR] [extra pretrain flags]
 set -euo pipefail
 OUT=${1:-runs/main}
@@ -29,5 +30,5 @@ for prompt in "import os" "def main(" "class Config:"; do
 done
 echo "== LoRA adapters, one per tenant task (email, encodings, tkinter): loss of each adapter on each task"
 $PYTHON benchmarks/adapter_specificity.py --base "$CKPT" --steps 150 --eval-batches 16 --out-dir "$OUT/adapters" \
-    --plot "$OUT/adapter_specificity.png" | grep -v '^step\|^nanoseek finetune'
+    --plot "$OUT/adapter_specificity.png" --check-peft | grep -v '^step\|^nanoseek finetune'
 echo "== main job done in $(( $(date +%s) - start )) s; checkpoint $CKPT, plots and metrics.jsonl in $OUT"

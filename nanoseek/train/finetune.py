@@ -161,7 +161,7 @@ HELP = {  # --help text of each FinetuneConfig field
     "out_dir": "run directory: metrics.jsonl, plots, checkpoints/, and the final adapter/ (or model/)",
     "full": "full fine-tuning (every weight) instead of LoRA",
     "adapter_name": "the adapter's name inside the model",
-    "r": "adapter rank (LoRA / DoRA / VeRA)",
+    "r": "LoRA rank (also the DoRA and VeRA rank)",
     "lora_alpha": "LoRA alpha: gamma = alpha / r (alpha / sqrt(r) with --use-rslora)",
     "lora_dropout": "dropout on the adapter's input",
     "target_modules": '"all-linear" or comma-separated module names (q_proj, kv_b_proj, o_proj, experts, ...)',
