@@ -313,10 +313,15 @@ def test_mixed_batch_cached_decoding(arch):
     with torch.no_grad():
         want = _alone(m, x, m.adapters, rows)
         for absorb in (True, False):
-            cache = m.make_cache(4, 16)
-            steps = [m(x[:, :4], cache=cache, adapter=rows, absorb=absorb)]
-            steps += [m(x[:, t:t + 1], cache=cache, adapter=rows, absorb=absorb) for t in range(4, 10)]
-            assert maxdiff(torch.cat(steps, 1), want) < TOL
+            assert maxdiff(cached_decode(m, x, rows, prefill=4, absorb=absorb), want) < TOL
+
+
+def cached_decode(m, x, adapter, prefill: int, absorb: bool = True) -> torch.Tensor:
+    """Logits of x (B, T) run as a prefill of `prefill` tokens, then one token at a time through the KV cache."""
+    cache = m.make_cache(x.shape[0], x.shape[1] + 4)
+    steps = [m(x[:, :prefill], cache=cache, adapter=adapter, absorb=absorb)]
+    steps += [m(x[:, t:t + 1], cache=cache, adapter=adapter, absorb=absorb) for t in range(prefill, x.shape[1])]
+    return torch.cat(steps, 1)
 
 
 def test_absorbed_decoding_includes_kv_b_proj_lora():

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from nanoseek import LoraConfig, Model, VeraConfig  # noqa: E402
 from tests.test_lora import dsv3_config, gpt2_config, perturb, tokens  # noqa: E402
+from tests.test_lora_variants import randomize  # noqa: E402
 
 TOL = 1e-4
 
@@ -83,12 +84,17 @@ def test_peft_adapter_loads_in_nanoseek(case, tmp_path):
     m = Model(dsv3_config(num_nextn_predict_layers=0) if arch == "deepseek_v3" else gpt2_config()).eval()
     perturb(m, 1)
     m.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(hf_model(tmp_path / "base"), peft.LoraConfig(r=4, lora_alpha=8, **kw)).eval()
+    peft_to_nanoseek(m, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, **kw))
+
+
+def peft_to_nanoseek(m, tmp_path, peft_config):
+    """peft adapter on the saved base (B, VeRA vectors and DoRA magnitudes perturbed) -> nanoseek: equal logits."""
+    pm = peft.get_peft_model(hf_model(tmp_path / "base"), peft_config).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            if "lora_B" in n or "vera_lambda" in n or "magnitude" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
     pm.save_pretrained(tmp_path / "adapter")
     m.load_adapter(tmp_path / "adapter", "p")
     x = tokens(m.config.vocab_size)
@@ -96,6 +102,7 @@ def test_peft_adapter_loads_in_nanoseek(case, tmp_path):
         ours, theirs = m(x, adapter="p"), pm(x).logits
         assert (ours - m(x)).abs().max() > 1e-2
         assert (ours - theirs).abs().max().item() <= TOL
+    return m
 
 
 # ---------------------------------------------------------------------------------------------- defaults, variants
@@ -106,18 +113,19 @@ def tiny(arch: str) -> Model:
     return make_model(ds() if arch == "deepseek_v3" else gpt2(), std=0.1)
 
 
-def randomize(m, name: str, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if f".{name}." in n and ("lora_magnitude_vector" in n or "vera_lambda" in n):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def peft_logits(base, adapter, x):
+def round_trip(m, name: str, base, adapter, tmp_path, min_effect: float) -> None:
+    """nanoseek adapter `name` (saved at `adapter`) -> peft on `base`: equal logits; peft's own save of it ->
+    nanoseek again: equal logits."""
+    x = tokens(m.config.vocab_size)
     pm = peft.PeftModel.from_pretrained(hf_model(base), adapter).eval()
     with torch.no_grad():
-        return pm(x).logits, pm
+        ours, theirs = m(x, adapter=name), pm(x).logits
+        assert (ours - m(x)).abs().max() > min_effect  # the adapter matters
+    assert (ours - theirs).abs().max().item() <= TOL
+    pm.save_pretrained(tmp_path / "back")
+    m.load_adapter(tmp_path / "back", "back")
+    with torch.no_grad():
+        assert (m(x, adapter="back") - theirs).abs().max().item() <= TOL
 
 
 DEFAULTS = {"lora": lambda: LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
@@ -137,16 +145,7 @@ def test_default_adapters_load_in_peft_and_back(arch, kind, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the defaults must not need a warning
         m.save_adapter(tmp_path / "ours", "t")
-    x = tokens(m.config.vocab_size)
-    theirs, pm = peft_logits(tmp_path / "base", tmp_path / "ours", x)
-    with torch.no_grad():
-        ours = m(x, adapter="t")
-        assert (ours - m(x)).abs().max() > 1e-2
-    assert (ours - theirs).abs().max().item() <= TOL
-    pm.save_pretrained(tmp_path / "back")
-    m.load_adapter(tmp_path / "back", "back")
-    with torch.no_grad():
-        assert (m(x, adapter="back") - theirs).abs().max().item() <= TOL
+    round_trip(m, "t", tmp_path / "base", tmp_path / "ours", tmp_path, min_effect=1e-2)
 
 
 def test_default_dsv3_layout(tmp_path):
@@ -170,22 +169,9 @@ def test_peft_default_all_linear_loads_in_nanoseek(arch, tmp_path):
     (`gate.weight`), no dense MLP; on GPT-2 every Conv1D but lm_head."""
     m = tiny(arch)
     m.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(hf_model(tmp_path / "base"), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                         target_modules="all-linear")).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(tmp_path / "adapter")
-    m.load_adapter(tmp_path / "adapter", "p")
+    peft_to_nanoseek(m, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     if arch == "deepseek_v3":
         assert "p" in m.model.layers[1].mlp.gate.lora_A  # the router adapter
-    x = tokens(m.config.vocab_size)
-    with torch.no_grad():
-        ours, theirs = m(x, adapter="p"), pm(x).logits
-        assert (ours - m(x)).abs().max() > 1e-2
-        assert (ours - theirs).abs().max().item() <= TOL
 
 
 PEFT_VARIANTS = {"dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"),
@@ -203,19 +189,7 @@ def test_peft_dora_and_vera_load_in_nanoseek(arch, kind, tmp_path):
         cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_a_proj", "kv_b_proj", "o_proj"])
     else:
         cfg = PEFT_VARIANTS[kind]()
-    pm = peft.get_peft_model(hf_model(tmp_path / "base"), cfg).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n or "vera_lambda" in n or "magnitude" in n:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(tmp_path / "adapter")
-    m.load_adapter(tmp_path / "adapter", "p")
-    x = tokens(m.config.vocab_size)
-    with torch.no_grad():
-        ours, theirs = m(x, adapter="p"), pm(x).logits
-        assert (ours - m(x)).abs().max() > 1e-2
-        assert (ours - theirs).abs().max().item() <= TOL
+    peft_to_nanoseek(m, tmp_path, cfg)
 
 
 def test_vera_projections_equal_peft():
@@ -268,13 +242,4 @@ def test_main_job_adapter_loads_in_peft_and_back(sft_base, tmp_path):
         finetune(cfg)
     m = Model.from_pretrained(sft_base / "base")
     m.load_adapter(tmp_path / "run" / "adapter", "email")
-    x = tokens(m.config.vocab_size)
-    theirs, pm = peft_logits(sft_base / "base", tmp_path / "run" / "adapter", x)
-    with torch.no_grad():
-        ours = m(x, adapter="email")
-        assert (ours - m(x)).abs().max() > 1e-4
-    assert (ours - theirs).abs().max().item() <= TOL
-    pm.save_pretrained(tmp_path / "back")
-    m.load_adapter(tmp_path / "back", "back")
-    with torch.no_grad():
-        assert (m(x, adapter="back") - theirs).abs().max().item() <= TOL
+    round_trip(m, "email", sft_base / "base", tmp_path / "run" / "adapter", tmp_path, min_effect=1e-4)
