@@ -190,6 +190,7 @@ def main() -> None:
     if missing:
         sys.exit(f"not finished yet (another process?): {', '.join(missing)}")
     rows = [done[(m[0], lr)] for m, lr in plan]
+    methods = [m for m in methods if any(p[0] == m for p, _ in plan)]  # e.g. --full-lrs= : no full rows
     n_params = {m[0]: trainable_parameters(a.base, a.task, m, a) for m in methods}
     methods = [m[0] for m in methods]
     best = {m: min((x for x in rows if x["method"] == m), key=lambda x: x["val_loss"]) for m in methods}
@@ -202,8 +203,9 @@ def main() -> None:
         by_lr = {x["lr"]: x["val_loss"] for x in rows if x["method"] == m}
         print(f"{m:<{w}} {n_params[m]:>9,} " + " ".join(f"{by_lr[lr]:>9.4f}" if lr in by_lr else f"{'':>9}"
                                                          for lr in sorted({x['lr'] for x in rows})))
-    ratios = {m: best[m]["lr"] / best["full"]["lr"] for m in methods[1:]}
-    fit_ratios = {m: fit[m] / fit["full"] for m in methods[1:] if fit[m] and fit["full"]}
+    full = best.get("full")
+    ratios = {m: best[m]["lr"] / full["lr"] for m in methods if full and m != "full"}
+    fit_ratios = {m: fit[m] / fit["full"] for m in ratios if fit[m] and fit["full"]}
     for m in methods:
         extra = f"   best LR / best full LR = {ratios[m]:g}" if m in ratios else ""
         if m in fit_ratios:
