@@ -190,7 +190,7 @@ def main() -> None:
     if missing:
         sys.exit(f"not finished yet (another process?): {', '.join(missing)}")
     rows = [done[(m[0], lr)] for m, lr in plan]
-    methods = [m for m in methods if any(p[0] == m for p, _ in plan)]  # e.g. --full-lrs= : no full rows
+    methods = [m for m in methods if any(p == m for p, _ in plan)]  # e.g. --full-lrs= : no full rows
     n_params = {m[0]: trainable_parameters(a.base, a.task, m, a) for m in methods}
     methods = [m[0] for m in methods]
     best = {m: min((x for x in rows if x["method"] == m), key=lambda x: x["val_loss"]) for m in methods}
