@@ -6,7 +6,9 @@ split of every task, and so is the base model. Printed: the matrix of losses and
 with adapters as rows and tasks as columns, and two checks:
   * row check    — adapter A lowers task A's loss more than it lowers any other task's loss;
   * column check — on task A, adapter A is the best of all adapters (what a tenant who picks an adapter sees).
-Writes adapter_specificity.png (the drop matrix) and ends with one JSON line.
+Writes adapter_specificity.png (the drop matrix) and ends with one JSON line. With --check-peft, each finished
+adapter is also loaded with `peft.PeftModel.from_pretrained` on the base (transformers' AutoModelForCausalLM) and
+its logits are compared with nanoseek's (fp32; printed, and in the JSON line).
 
     python3 benchmarks/adapter_specificity.py --base runs/main/checkpoints/step-0000600
     python3 benchmarks/adapter_specificity.py --base CKPT --tasks email,encodings,tkinter,ctypes --steps 200
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="adapter_specificity.png")
+    ap.add_argument("--check-peft", action="store_true",
+                    help="load every adapter in peft on the base and compare logits with nanoseek's")
     a = ap.parse_args()
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
@@ -58,9 +62,7 @@ def main() -> None:
                              save_every=0, plots=False, seed=a.seed, log_every=max(1, a.steps // 4),
                              eval_tasks=",".join(t for t in tasks if t != task))
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the peft-compatibility note on dense-MLP targets, once per run
-            s = finetune(cfg)
+        s = finetune(cfg)
         seconds[task] = time.perf_counter() - t0
 
         first = _by_task(s["initial"], task, tasks)
@@ -88,9 +90,36 @@ def main() -> None:
               + f"   own task dropped most: {'yes' if row_ok[ad] else 'NO'}")
     print("best adapter on each task is its own: " + ", ".join(f"{t} {'yes' if col_ok[t] else 'NO'}" for t in tasks))
     _plot(tasks, drop, a.plot)
+    peft_diff = {t: peft_check(a.base, Path(a.out_dir) / t / "adapter") for t in tasks} if a.check_peft else {}
+    for t, d in peft_diff.items():
+        print(f"peft check: adapter {t} " + ("not checked (peft or transformers missing)" if d is None else
+                                            f"loads in peft, max |logit difference| {d:.2e} (fp32)"))
     print(json.dumps({"base": a.base, "tasks": tasks, "steps": a.steps, "lr": a.lr, "r": a.lora_r,
                       "base_loss": base_loss, "loss": loss, "drop": drop, "row_check": row_ok, "column_check": col_ok,
-                      "seconds": seconds, "plot": a.plot}))
+                      "seconds": seconds, "plot": a.plot, "peft_max_logit_diff": peft_diff}))
+
+
+def peft_check(base: str, adapter: Path) -> float | None:
+    """max |logits(nanoseek + adapter) - logits(peft.PeftModel on transformers' base)| on 2 x 64 fixed tokens."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        return None
+    import torch
+
+    from nanoseek import Model
+
+    m = Model.from_pretrained(base).eval()
+    m.load_adapter(adapter, "a")
+    x = torch.randint(0, m.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        pm = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+    with torch.no_grad():
+        return (m(x, adapter="a") - pm(x).logits).abs().max().item()
 
 
 def _by_task(ev: dict, own: str, tasks: list[str]) -> dict[str, float]:

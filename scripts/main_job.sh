@@ -2,9 +2,9 @@
 # The main job: pretrain dsv3-tiny on the built-in corpus (the Python standard library's sources), then
 # evaluate it (bits per byte against the corpus's unigram byte entropy), map experts by domain, print a few
 # samples, measure MTP speculative decoding (acceptance, tokens/s vs plain), fine-tune one LoRA adapter per
-# tenant task (three stdlib packages) to show that each adapter lowers its own task's loss the most, then serve
-# the base and the three adapters at once (`nanoseek serve`) and query them with the official openai client.
-# About 13 minutes on 2 CPU cores.
+# tenant task (three stdlib packages) to show that each adapter lowers its own task's loss the most and loads in
+# peft with the same logits, then serve the base and the three adapters at once (`nanoseek serve`) and query
+# them with the official openai client. About 13 minutes on 2 CPU cores.
 # Usage: scripts/main_job.sh [OUT_DIR] [extra pretrain flags]
 set -euo pipefail
 OUT=${1:-runs/main}
@@ -33,7 +33,7 @@ echo "== MTP speculative decoding: acceptance and tokens/s vs plain decoding (he
 $PYTHON benchmarks/speculative.py --checkpoint "$CKPT" --ks 3 --temperatures 0,1 --repeats 1 --new-tokens 32 | grep -v '^{'
 echo "== LoRA adapters, one per tenant task (email, encodings, tkinter): loss of each adapter on each task"
 $PYTHON benchmarks/adapter_specificity.py --base "$CKPT" --steps 150 --eval-batches 16 --out-dir "$OUT/adapters" \
-    --plot "$OUT/adapter_specificity.png" | grep -v '^step\|^nanoseek finetune'
+    --plot "$OUT/adapter_specificity.png" --check-peft | grep -v '^step\|^nanoseek finetune'
 # serve stage begin: base + the three adapters behind one server, a mixed batch through the openai client
 echo "== serving the checkpoint and its three adapters (nanoseek serve; openai client)"
 PORT=$($PYTHON -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

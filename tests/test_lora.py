@@ -313,10 +313,15 @@ def test_mixed_batch_cached_decoding(arch):
     with torch.no_grad():
         want = _alone(m, x, m.adapters, rows)
         for absorb in (True, False):
-            cache = m.make_cache(4, 16)
-            steps = [m(x[:, :4], cache=cache, adapter=rows, absorb=absorb)]
-            steps += [m(x[:, t:t + 1], cache=cache, adapter=rows, absorb=absorb) for t in range(4, 10)]
-            assert maxdiff(torch.cat(steps, 1), want) < TOL
+            assert maxdiff(cached_decode(m, x, rows, prefill=4, absorb=absorb), want) < TOL
+
+
+def cached_decode(m, x, adapter, prefill: int, absorb: bool = True) -> torch.Tensor:
+    """Logits of x (B, T) run as a prefill of `prefill` tokens, then one token at a time through the KV cache."""
+    cache = m.make_cache(x.shape[0], x.shape[1] + 4)
+    steps = [m(x[:, :prefill], cache=cache, adapter=adapter, absorb=absorb)]
+    steps += [m(x[:, t:t + 1], cache=cache, adapter=adapter, absorb=absorb) for t in range(prefill, x.shape[1])]
+    return torch.cat(steps, 1)
 
 
 def test_absorbed_decoding_includes_kv_b_proj_lora():
@@ -370,7 +375,12 @@ def test_save_load_round_trip_bit_exact(arch, tmp_path):
         assert f"base_model.model.model.layers.{L}.eh_proj.lora_A.weight" in keys  # MTP on disk = layer L
         assert keys["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape == (5, 32)
         assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in keys
-        assert conf["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+        # DeepseekV3's dense-MLP / shared-expert linears are target_parameters (peft rewrites those module names)
+        assert conf["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj", "mlp.down_proj.weight",
+                                             "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                             "shared_experts.down_proj.weight", "shared_experts.gate_proj.weight",
+                                             "shared_experts.up_proj.weight"]
+        assert not set(conf["target_modules"]) & {"gate_proj", "up_proj", "down_proj"}
     m2 = make(arch)
     m2.load_adapter(tmp_path / "a", "a")
     sd1 = {n: p for n, p in m.named_parameters() if ".lora_" in n}

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..lora import expert_delta
+from ..lora import LinearAdapters, expert_delta
 from .layers import SwiGLU, activation
 
 
@@ -69,8 +69,9 @@ def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
     return torch.bmm(buf, w)[group, slot]
 
 
-class Gate(nn.Module):
-    """The router (HF `mlp.gate`): weight (E, H), fp32 bias buffer `e_score_correction_bias` (E,)."""
+class Gate(nn.Module, LinearAdapters):
+    """The router (HF `mlp.gate`): weight (E, H), fp32 bias buffer `e_score_correction_bias` (E,); it can carry a
+    LoRA on its weight (peft's all-linear targets `mlp.gate.weight`; see lora.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,6 +80,7 @@ class Gate(nn.Module):
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.init_adapters()
 
     def _apply(self, fn, recurse=True):
         """Moves/casts like any module, except that the routing bias stays fp32 (0.001 steps need it)."""
@@ -95,6 +97,9 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor):
         """x (N, H) -> logits (N, E) fp32, scores (N, E) fp32, top-k indices (N, K), weights (N, K) fp32."""
         logits = F.linear(x.float(), self.weight.float())
+        d = self.lora_delta(x)  # an adapter on the router, if one is active
+        if d is not None:
+            logits = logits + d.float()
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias
         N, E, G = choice.shape[0], self.n_experts, self.n_group

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import lora
+from .. import lora, lora_io
 from ..config import ModelConfig
 from ..mup import output_multiplier, rescale_init
 from . import decoding
@@ -177,7 +177,7 @@ class Model(nn.Module):
         """Adapter names in creation order (the default per-row index space)."""
         return list(self.lora_context.configs)
 
-    def add_adapter(self, name: str, config: lora.LoraConfig | None = None) -> None:
+    def add_adapter(self, name: str, config: lora.LoraConfig | lora.VeraConfig | None = None) -> None:
         """Create adapter `name` on the weights `config.target_modules` selects (frozen until trainable_adapter)."""
         lora.add_adapter(self, name, config)
 
@@ -200,12 +200,12 @@ class Model(nn.Module):
         lora.merge_and_unload(self, name)
 
     def save_adapter(self, path, name: str, base_model_name_or_path: str | None = None):
-        """Write adapter `name` as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
-        return lora.save_adapter(self, path, name, base_model_name_or_path)
+        """Write adapter `name` as a PEFT directory (adapter_config.json + adapter_model.safetensors)."""
+        return lora_io.save_adapter(self, path, name, base_model_name_or_path)
 
-    def load_adapter(self, path, name: str) -> lora.LoraConfig:
-        """Read a PEFT LoRA directory (written by nanoseek or peft) as adapter `name`."""
-        return lora.load_adapter(self, path, name)
+    def load_adapter(self, path, name: str) -> lora.LoraConfig | lora.VeraConfig:
+        """Read a PEFT LoRA / DoRA / VeRA directory (written by nanoseek or peft) as adapter `name`."""
+        return lora_io.load_adapter(self, path, name)
 
     # ------------------------------------------------------------------ structure
     @property

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import lora
+from .. import lora, lora_io
 from ..checkpoint import atomic_directory
 from ..data.sft import (
     SFTLoader,
@@ -76,6 +76,8 @@ from .state import (
 )
 from .trainer import LOSS_PARTS, autocast_context, optimizer_step
 
+PEFT_METHODS = ("lora", "vera")
+
 
 @dataclass
 class FinetuneConfig:
@@ -89,6 +91,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"  # or a comma-separated list of module names
     use_rslora: bool = False
+    dora: bool = False  # DoRA: a trained magnitude per output row (LoRA only)
+    peft: str = "lora"  # lora (LoRA / rsLoRA / DoRA) or vera
+    projection_prng_key: int = 0  # VeRA: seed of the shared random pair
+    vera_d_initial: float = 0.1  # VeRA: initial lambda_d
     lr: float | None = None  # None: 5e-4 for LoRA, 5e-5 for full ("LoRA Without Regret": ~10x)
     weight_decay: float = 0.0
     max_steps: int = 200
@@ -132,15 +138,27 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.dtype={self.dtype!r} must be auto, bfloat16 or float32")
         if self.expert_parallel < 1:
             raise ValueError(f"FinetuneConfig.expert_parallel={self.expert_parallel} must be >= 1")
+        if self.peft not in PEFT_METHODS:
+            raise ValueError(f"FinetuneConfig.peft={self.peft!r} must be one of {PEFT_METHODS}")
+        if self.peft == "vera" and (self.dora or self.full):
+            raise ValueError("FinetuneConfig: --peft vera cannot be combined with --dora or --full")
         if self.lr <= 0 or self.warmup_steps < 0 or self.lora_dropout < 0 or self.lora_dropout >= 1:
             raise ValueError(f"FinetuneConfig: need lr > 0, warmup_steps >= 0 and 0 <= lora_dropout < 1 "
                              f"(got {self.lr}, {self.warmup_steps}, {self.lora_dropout})")
 
-    def lora_config(self) -> lora.LoraConfig:
+    def lora_config(self) -> lora.LoraConfig | lora.VeraConfig:
         targets = self.target_modules if self.target_modules == "all-linear" else \
             [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if self.peft == "vera":
+            return lora.VeraConfig(r=self.r, target_modules=targets, projection_prng_key=self.projection_prng_key,
+                                   vera_dropout=self.lora_dropout, d_initial=self.vera_d_initial)
         return lora.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               target_modules=targets, use_rslora=self.use_rslora)
+                               target_modules=targets, use_rslora=self.use_rslora, use_dora=self.dora)
+
+    def method(self) -> str:
+        """'full', 'LoRA r=16', 'DoRA r=16' or 'VeRA r=256' (for logs)."""
+        kind = "VeRA" if self.peft == "vera" else "DoRA" if self.dora else "LoRA"
+        return "full" if self.full else f"{kind} r={self.r}"
 
 
 HELP = {  # --help text of each FinetuneConfig field
@@ -150,11 +168,17 @@ HELP = {  # --help text of each FinetuneConfig field
     "out_dir": "run directory: metrics.jsonl, plots, checkpoints/, and the final adapter/ (or model/)",
     "full": "full fine-tuning (every weight) instead of LoRA",
     "adapter_name": "the adapter's name inside the model",
-    "r": "LoRA rank",
+    "r": "LoRA rank (also the DoRA and VeRA rank)",
     "lora_alpha": "LoRA alpha: gamma = alpha / r (alpha / sqrt(r) with --use-rslora)",
     "lora_dropout": "dropout on the adapter's input",
     "target_modules": '"all-linear" or comma-separated module names (q_proj, kv_b_proj, o_proj, experts, ...)',
     "use_rslora": "rank-stabilised scaling gamma = alpha / sqrt(r)",
+    "dora": "DoRA: a trained magnitude per output row times the row-normalised W + gamma B A (linear layers only; "
+            "on DeepseekV3 the attention projections, see README)",
+    "peft": "adapter method: lora (LoRA / rsLoRA / DoRA) or vera (frozen shared random A/B, trained vectors; "
+            "--lora-r is its rank, --lora-alpha is unused)",
+    "projection_prng_key": "VeRA: seed of the shared random projections (peft's projection_prng_key)",
+    "vera_d_initial": "VeRA: initial value of lambda_d (peft's d_initial)",
     "lr": "peak learning rate (default: 5e-4 for LoRA, 5e-5 for --full)",
     "weight_decay": "AdamW weight decay",
     "max_steps": "optimizer steps",
@@ -282,7 +306,7 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
             shard = (lambda sd, osd: wrapped.shard_state(sd, osd, optimizer)) if cfg.expert_parallel > 1 else None
             state, rng = load_checkpoint(resume_path, model, optimizer, shard=shard)
         else:
-            lora.copy_adapter_weights_(model, name, resume_path)
+            lora_io.copy_adapter_weights_(model, name, resume_path)
             optimizer.load_state_dict(torch.load(resume_path / "trainer_state" / "optimizer.pt", map_location="cpu",
                                                  weights_only=True))
             rng = torch.load(resume_path / "trainer_state" / "rng.pt", map_location="cpu", weights_only=True)
@@ -299,7 +323,7 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         (out_dir / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     n_train = sum(p.numel() for p in {id(p): p for g in optimizer.param_groups for p in g["params"]}.values())
     n_all = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    log.print(f"nanoseek finetune ({'full' if cfg.full else f'LoRA r={cfg.r}'}): {n_train / 1e6:.3f}M of "
+    log.print(f"nanoseek finetune ({cfg.method()}): {n_train / 1e6:.3f}M of "
               f"{n_all / 1e6:.2f}M params trained on {d.world_size} rank(s) on {device}, "
               f"{len(train_ex)} train / {len(val_ex)} val examples, "
               + (f"resuming from {resume_path} at step {start_step}" if resume_path else "fresh start"))
@@ -378,15 +402,15 @@ def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, s
     if cfg.full:
         return save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last,
                                gathered)
-    tensors = lora.adapter_state_dict(model, name)
-    peft_cfg = lora.peft_config_dict(model, name, str(cfg.base))
+    tensors = lora_io.adapter_state_dict(model, name)
+    peft_cfg = lora_io.peft_config_dict(model, name, str(cfg.base))
     rng = rng_state()
 
     def fill(tmp: Path):
         from safetensors.torch import save_file
 
-        (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(peft_cfg, indent=2) + "\n")
-        save_file(tensors, str(tmp / lora.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / lora_io.ADAPTER_CONFIG).write_text(json.dumps(peft_cfg, indent=2) + "\n")
+        save_file(tensors, str(tmp / lora_io.ADAPTER_WEIGHTS), metadata={"format": "pt"})
         tok.save(tmp)
         add_chat_template(tmp)
         d = tmp / "trainer_state"
@@ -424,7 +448,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
             kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
             # the rank is --lora-r (--r also works, but not after torchrun, which reads it as its own --r...)
             flags = ("--lora-r", "--r") if f.name == "r" else (flag,)
-            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_)
+            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_,
+                           choices=PEFT_METHODS if f.name == "peft" else None)
 
 
 def _run(args: argparse.Namespace) -> int:

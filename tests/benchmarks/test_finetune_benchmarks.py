@@ -19,21 +19,29 @@ def _run(script: str, *args: str, cwd: Path) -> dict:
 def test_adapter_specificity_reports_the_matrix(sft_base, tmp_path):
     out = _run("adapter_specificity.py", "--base", str(sft_base / "base"), "--tasks", "xml,email", "--steps", "3",
                "--seq-len", "48", "--batch", "2", "--eval-batches", "1", "--lora-r", "2", "--out-dir", "ad",
-               cwd=tmp_path)
+               "--check-peft", cwd=tmp_path)
     assert out["tasks"] == ["xml", "email"] and set(out["loss"]) == {"xml", "email"}
     for ad in out["tasks"]:
         for t in out["tasks"]:
             assert abs(out["drop"][ad][t] - (out["base_loss"][t] - out["loss"][ad][t])) < 1e-9
     assert (tmp_path / "ad" / "xml" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter_specificity.png").is_file()
+    assert set(out["peft_max_logit_diff"]) == {"xml", "email"}  # both adapters load in peft, same logits
+    assert all(d is not None and d <= 1e-4 for d in out["peft_max_logit_diff"].values())
 
 
 def test_lora_vs_full_sweep_and_resume(sft_base, tmp_path):
     args = ["--base", str(sft_base / "base"), "--task", "builtin:xml", "--steps", "2", "--seq-len", "48",
-            "--batch", "2", "--eval-batches", "1", "--ranks", "2", "--full-lrs", "1e-3,1e-2",
-            "--lora-lrs", "1e-3,1e-2,1e-1"]
+            "--batch", "2", "--eval-batches", "1", "--ranks", "2", "--full-lrs", "1e-2",
+            "--lora-lrs", "1e-2", "--variant-lora-ranks", "2", "--dora-ranks", "2", "--vera-ranks", "8",
+            "--dora-lrs", "1e-2", "--vera-lrs", "1e-1"]
     first = _run("lora_vs_full.py", *args, cwd=tmp_path)
-    assert {r["method"] for r in first["rows"]} == {"full", "lora r=2"} and len(first["rows"]) == 5
+    methods = {"full", "lora r=2", "lora r=2 [linears]", "dora r=2 [linears]", "vera r=8 [linears]"}
+    assert {r["method"] for r in first["rows"]} == methods and len(first["rows"]) == 5
+    n = {m: b["trainable_params"] for m, b in first["best"].items()}
+    # DoRA = LoRA on the same targets + one magnitude per output row; VeRA trains far fewer
+    assert n["lora r=2 [linears]"] < n["dora r=2 [linears]"] < n["lora r=2"] < n["full"]
+    assert n["vera r=8 [linears]"] < n["lora r=2 [linears]"]
     assert (tmp_path / "lora_vs_full.png").is_file()
     # the rows file makes a rerun reuse every finished run (same numbers, nothing retrained)
     assert len((tmp_path / "lora_vs_full.rows.jsonl").read_text().splitlines()) == 5

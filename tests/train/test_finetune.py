@@ -57,6 +57,25 @@ def test_lora_resume_is_exact(base, tmp_path):
                                                                           "max_memory_bytes")} for r in metrics_b]
 
 
+@pytest.mark.parametrize("variant", [dict(dora=True), dict(peft="vera", r=32)])
+def test_dora_and_vera_finetune_write_peft_adapters_and_resume_exactly(base, tmp_path, variant):
+    finetune(_cfg(base, tmp_path / "a", **variant))
+    conf = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == ("VERA" if "peft" in variant else "LORA") and conf.get("use_dora", False) == \
+        variant.get("dora", False)
+    want = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    trained = "vera_lambda_b" if "peft" in variant else "lora_magnitude_vector"
+    assert any(trained in k for k in want)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000004")
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    finetune(_cfg(base, tmp_path / "b", resume="latest", **variant))  # from step 2: the same tensors at step 4
+    got = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    m = Model.from_pretrained(base / "base")
+    m.load_adapter(tmp_path / "b" / "adapter", "ft")
+
+
 def test_full_finetune_writes_model(base, tmp_path):
     s = finetune(_cfg(base, tmp_path / "full", full=True, lr=1e-3))
     m = Model.from_pretrained(tmp_path / "full" / "model")
@@ -159,7 +178,8 @@ def test_merge_and_generate_with_adapter(base, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(schedule="linear"), dict(dtype="fp16"), dict(lr=-1.0),
-                                 dict(lora_dropout=1.0), dict(max_steps=0)])
+                                 dict(lora_dropout=1.0), dict(max_steps=0), dict(peft="ia3"),
+                                 dict(peft="vera", dora=True)])
 def test_bad_config_is_rejected(base, tmp_path, bad):
     with pytest.raises(ValueError, match="FinetuneConfig"):
         _cfg(base, tmp_path / "x", **bad)
