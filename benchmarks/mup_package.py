@@ -13,11 +13,14 @@ If `ours` and `mup` agree, the rules agree and any gap to SP is the regime; `mup
 package's recommended constants close it. `mup` is an optional import: without it only `ours` runs.
 
     python3 benchmarks/mup_package.py                                  # CPU: widths 32 and 256, 400 steps
+    python3 benchmarks/mup_package.py --widths 128,1024 --base-width 128 --steps 2000 --seq-len 256 \
+        --batch-size 32 --lrs 2^-6,2^-5 --out out/mup_gpu                 # GPU scale
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -99,34 +102,38 @@ def build(cfg: ModelConfig, base: ModelConfig, recommended: bool) -> MupGPT2:
     return model
 
 
-def train_mup(tc: TrainConfig, width: int, base_width: int, recommended: bool) -> float:
+def train_mup(tc: TrainConfig, width: int, base_width: int, recommended: bool, device: torch.device) -> float:
+    """The package's model through the trainer's recipe (bf16 autocast on CUDA, as the trainer's default)."""
     torch.manual_seed(tc.seed)
     mcfg = dataclasses.replace(tc, hidden_size=width).model_config_obj()
     base = dataclasses.replace(tc, hidden_size=base_width).model_config_obj()
     corpus, tok, train_tokens, val_tokens = _prepare_data(tc, Dist(), mcfg.vocab_size)
-    model = build(mcfg, base, recommended)
+    model = build(mcfg, base, recommended).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = mup.MuAdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0}],
                       lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
     for g in opt.param_groups:
         g["lr_scale"] = g["lr"] / tc.lr  # MuAdamW's per-group factor
-    loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, seed=tc.seed)
+    loader = PackedLoader(train_tokens, tc.seq_len, tc.batch_size, seed=tc.seed, device=device)
     model.train()
     for step in range(tc.max_steps):
         lr = lr_at(step, tc.lr, tc.max_steps, tc.warmup_steps, tc.min_lr_ratio, tc.schedule, tc.decay_frac)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x, y = loader.next_batch()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        with autocast:
+            logits = model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         if not math.isfinite(loss.item()):
             return math.inf
-    ev = evaluate(model, val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, torch.device("cpu"),
-                  corpus.num_bytes("val"))
+    ev = evaluate(model, val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, device, corpus.num_bytes("val"),
+                  torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
     return ev["val_loss"]
 
 
@@ -145,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/mup_vs_sp")
     args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     widths = [int(w) for w in args.widths.split(",")]
@@ -153,7 +161,8 @@ def main() -> None:
     arms = [a for a in args.arms.split(",") if a == "ours" or mup is not None]
     base = TrainConfig(preset="gpt2-tiny", seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
                        warmup_steps=max(1, args.steps // 10), eval_batches=args.eval_batches,
-                       vocab_size=args.vocab_size, device="cpu", log_every=max(1, args.steps // 4), seed=args.seed)
+                       vocab_size=args.vocab_size, device=device.type, log_every=max(1, args.steps // 4),
+                       seed=args.seed)
     out = Path(args.out)
     cache = out / "mup_package.jsonl"
     done = {}
@@ -171,7 +180,7 @@ def main() -> None:
             loss = sweep.run(dataclasses.replace(base, lr=lr), "mup", width, args.seed, lr, {}, out / "gpt2",
                              args.base_width)["val_loss"]
         else:
-            loss = train_mup(dataclasses.replace(base, lr=lr), width, args.base_width, arm == "mup_rec")
+            loss = train_mup(dataclasses.replace(base, lr=lr), width, args.base_width, arm == "mup_rec", device)
         r = {"arm": arm, "width": width, "lr": lr, "val_loss": loss, "seconds": round(time.time() - t, 1)}
         done[(arm, width, lr)] = r
         with cache.open("a") as f:

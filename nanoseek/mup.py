@@ -27,7 +27,8 @@ wherever that package has a rule; a test checks agreement for GPT-2. Explicit ru
     rule by fan_in covers both cases).
   * attention scale: muP asks for 1/d_head instead of 1/sqrt(d_head) because d_head grows with width in the
     paper's setting. nanoseek's width scaling keeps head dims fixed and grows the head count, so the two
-    differ by a width-independent constant; we keep 1/sqrt(d_head), which makes muP equal SP at the base width.
+    differ by a width-independent constant; we keep 1/sqrt(d_head), which makes muP equal SP at the base width
+    (`attention_multiplier = d_head ** -0.5` gives `mup`'s 1/d_head exactly).
   * tied embeddings (GPT-2): the shared table is an embedding (lr, init unchanged); the 1/m multiplier acts
     on the logits only, as `MuSharedReadout` does.
 Width-independent multipliers (TP5 section 7.3 tunes these on the proxy with the learning rate; `nanoseek sweep

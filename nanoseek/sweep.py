@@ -110,7 +110,8 @@ def sample(rng: random.Random, space: dict) -> dict:
 def search(base: TrainConfig, width: int, out_dir: str | Path, base_width: int, n: int = 16, eta: int = 4,
            rungs: int = 2, seed: int = 0, space: dict | None = None, param: str = "mup",
            progress=print) -> tuple[list[dict], dict]:
-    """Random search + successive halving at one (proxy) width. Returns (all records, the chosen config).
+    """Random search + successive halving at one (proxy) width; `seed` seeds the draws and every run.
+    Returns (all records, the chosen config).
 
     Trial 0 is the default model at the centre of the lr range (so the search never loses to "lr only" by
     bad luck of the draw). `zero_readout` is dropped from the space for tied heads. The chosen config is the
@@ -127,7 +128,7 @@ def search(base: TrainConfig, width: int, out_dir: str | Path, base_width: int, 
         steps = max(1, base.max_steps // eta ** (rungs - 1 - rung))
         scored = []
         for i, t in enumerate(trials, start=1):
-            rec = run(base, param, width, base.seed, t["lr"], t, out_dir, base_width, steps=steps)
+            rec = run(base, param, width, seed, t["lr"], t, out_dir, base_width, steps=steps)
             records.append({**rec, "rung": rung})
             scored.append((rec["val_loss"], t))
             progress(f"[rung {rung}: {steps} steps, {i}/{len(trials)}] {describe(rec)}: val_loss "
