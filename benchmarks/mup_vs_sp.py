@@ -7,7 +7,7 @@ For each architecture, with the same data, steps, batch and seed everywhere:
             the target width.
   sp        the standard parametrization at the target width, one run per learning rate (>= 3).
   lr_only   (optional) the old workflow: muP with default multipliers, lr alone tuned at the proxy, transferred.
-  curves    (optional) muP loss vs lr (chosen lr x 1/4, 1, 4) at the curve widths, other values as chosen.
+  curves    (optional) muP loss vs lr (chosen lr x 1, 1/4, 4) at the curve widths, other values as chosen.
 Budget = training FLOPs (accounting.model_stats x tokens) of the proxy search vs the SP sweep at the target,
 and wall seconds (the CPU machine was shared, so wall time is only indicative).
 Every finished run is appended to OUT/rows.jsonl and cached in OUT/<arch>/runs (a rerun skips it).
@@ -114,7 +114,7 @@ def run_arch(arch: str, args: argparse.Namespace, rows: Path, base_width: int) -
     if "curves" in arms:
         hp = {k: chosen[k] for k in sweep.HPARAMS}
         res["curves"] = {w: {f"{f:g}": timed_run("curves", "mup", w, chosen["lr"] * f, hp)["val_loss"]
-                             for f in (0.25, 1.0, 4.0)} for w in map(int, args.curve_widths.split(","))}
+                             for f in (1.0, 0.25, 4.0)} for w in map(int, args.curve_widths.split(","))}
     res["seconds"] = time.time() - t_arch
     return res
 
