@@ -114,7 +114,7 @@ def run_arch(arch: str, args: argparse.Namespace, rows: Path, base_width: int) -
     if "curves" in arms:
         hp = {k: chosen[k] for k in sweep.HPARAMS}
         res["curves"] = {w: {f"{f:g}": timed_run("curves", "mup", w, chosen["lr"] * f, hp)["val_loss"]
-                             for f in (1.0, 0.25, 4.0)} for w in map(int, args.curve_widths.split(","))}
+                             for f in floats(args.curve_factors)} for w in map(int, args.curve_widths.split(","))}
     res["seconds"] = time.time() - t_arch
     return res
 
@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--sp-lrs", default=None, help="SP learning rates at the target (default per arch; 2^k ok)")
     ap.add_argument("--lr-only-lrs", default="2^-7,2^-6,2^-5,2^-4", help="the lr-only grid at the proxy")
     ap.add_argument("--curve-widths", default="32,64,128")
+    ap.add_argument("--curve-factors", default="1,0.25,4", help="curves: multiples of the chosen lr")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
