@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .mup import output_multiplier
+from .mup import output_multiplier, scale_queries
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -65,6 +65,8 @@ def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     if cfg.tie_word_embeddings:  # a gathered state dict may hold a tied weight under one of its names only
         sd.setdefault(embed_key, sd.get("lm_head.weight"))
         sd.setdefault("lm_head.weight", sd[embed_key])
+    if cfg.attention_multiplier != 1.0:  # fold muP's alpha_attn into the queries
+        sd = scale_queries(cfg, sd, cfg.attention_multiplier)
     for key, t in sd.items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -89,7 +91,7 @@ def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     if alpha != 1.0:
         for key in input_embedding_keys(cfg):
             out[key] = sd[key] * alpha
-    if mult != 1.0 or (cfg.tie_word_embeddings and alpha != 1.0):  # the readout then has its own weights
+    if mult != 1.0 or cfg.folds_tied_readout:  # the readout then has its own weights
         out["lm_head.weight"] = sd["lm_head.weight"] * mult
     for k in range(cfg.num_nextn_predict_layers if cfg.model_type == "deepseek_v3" else 0):
         out[f"model.layers.{L + k}.embed_tokens.weight"] = sd[embed_key] * alpha
@@ -137,6 +139,8 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
         out["lm_head.weight"] = out[embed_key]
     elif output_multiplier(cfg) != 1.0 and "lm_head.weight" in out:  # unfold muP's readout multiplier
         out["lm_head.weight"] = out["lm_head.weight"] / output_multiplier(cfg)
+    if cfg.attention_multiplier != 1.0:  # unfold alpha_attn
+        out = scale_queries(cfg, out, 1.0 / cfg.attention_multiplier)
     return out
 
 

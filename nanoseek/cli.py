@@ -104,27 +104,45 @@ def _sweep(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
                        eval_batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device,
                        out_dir=str(Path(args.out) / "transferred"))
-    grid = (len(params) * len(args.widths) * len(args.seeds) * len(args.lrs) * len(args.inits or [None])
-            * len(args.emb_mults or [None]))
-    print(f"sweep: {grid} runs of {args.max_steps} steps ({args.preset}, muP base width {base_width}) -> {args.out}")
-    records = sweep.sweep(base, args.widths, args.lrs, args.seeds, params, args.out, base_width,
-                          inits=args.inits, emb_mults=args.emb_mults)
-    summary = {p: {"best": {w: sweep.best(records, p, w) for w in args.widths},
-                   "lr_shift_widest_over_narrowest": sweep.lr_shift(records, p)} for p in params}
+    if args.search < 0 or args.search_eta < 2 or args.search_rungs < 1:
+        raise ValueError(f"need --search >= 0, --search-eta >= 2 and --search-rungs >= 1, got {args.search}, "
+                         f"{args.search_eta} and {args.search_rungs}")
     out = Path(args.out)
-    (out / "sweep.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
-    sweep.plot(records, out / "sweep.png")
-    print("best learning rate per width (mean val loss over seeds):")
-    for p in params:
-        for w in args.widths:
-            b = summary[p]["best"][w]
-            print(f"  {p:4s} width {w:5d}: lr {b['lr']:.3g}" + ("" if b["init"] is None else f" init {b['init']:.3g}")
-                  + ("" if b["emb"] is None else f" emb {b['emb']:.3g}") + f"  val_loss {b['val_loss']:.4f}")
-        print(f"  {p:4s} best-lr shift from width {min(args.widths)} to {max(args.widths)}: "
-              f"{summary[p]['lr_shift_widest_over_narrowest']:.3g}x")
-    if args.transfer_to:
+    if args.search:
+        width = min(args.widths)
+        print(f"sweep --search: {args.search} random configurations of every muP hyperparameter at width {width}, "
+              f"successive halving (eta {args.search_eta}, {args.search_rungs} rungs, last rung {args.max_steps} "
+              f"steps; {args.preset}, muP base width {base_width}) -> {args.out}")
+        records, chosen = sweep.search(base, width, args.out, base_width, n=args.search, eta=args.search_eta,
+                                       rungs=args.search_rungs, seed=args.seeds[0], param=params[0])
+        summary = {"chosen": chosen, "runs": len(records), "width": width}
+        (out / "sweep.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
+        print(f"chosen at width {width}: " + sweep.describe({"param": params[0], "width": width,
+                                                             "seed": args.seeds[0], **chosen})
+              + f"  val_loss {chosen['val_loss']:.4f}")
+    else:
+        grid = (len(params) * len(args.widths) * len(args.seeds) * len(args.lrs) * len(args.inits or [None])
+                * len(args.emb_mults or [None]))
+        print(f"sweep: {grid} runs of {args.max_steps} steps ({args.preset}, muP base width {base_width}) -> "
+              f"{args.out}")
+        records = sweep.sweep(base, args.widths, args.lrs, args.seeds, params, args.out, base_width,
+                              inits=args.inits, emb_mults=args.emb_mults)
+        summary = {p: {"best": {w: sweep.best(records, p, w) for w in args.widths},
+                       "lr_shift_widest_over_narrowest": sweep.lr_shift(records, p)} for p in params}
+        (out / "sweep.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
+        sweep.plot(records, out / "sweep.png")
+        print("best learning rate per width (mean val loss over seeds):")
+        for p in params:
+            for w in args.widths:
+                b = summary[p]["best"][w]
+                print(f"  {p:4s} width {w:5d}: lr {b['lr']:.3g}"
+                      + ("" if b["init"] is None else f" init {b['init']:.3g}")
+                      + ("" if b["emb"] is None else f" emb {b['emb']:.3g}") + f"  val_loss {b['val_loss']:.4f}")
+            print(f"  {p:4s} best-lr shift from width {min(args.widths)} to {max(args.widths)}: "
+                  f"{summary[p]['lr_shift_widest_over_narrowest']:.3g}x")
         source = "mup" if "mup" in params else params[0]
         chosen = summary[source]["best"][max(args.widths)]
+    if args.transfer_to:
         path = sweep.transfer(base, chosen, args.transfer_to, base_width, out / f"transfer-{args.transfer_to}.json")
         print(f"wrote {path}: run it with `nanoseek pretrain --config {path}`")
     print(json.dumps({"sweep": summary}))
@@ -215,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inits", type=_list_of(float), default=None, help="optional init std values to sweep too")
     p.add_argument("--emb-mults", type=_list_of(float), default=None,
                    help="optional embedding multipliers (muP's alpha_emb) to sweep too")
-    p.add_argument("--params", default="mup", help="parametrizations: mup, sp or mup,sp")
+    p.add_argument("--params", default="mup", help="parametrizations: mup, sp or mup,sp (--search: the first)")
+    p.add_argument("--search", type=int, default=0, metavar="N",
+                   help="instead of the grid: random search over lr, init std, alpha_emb, alpha_out, alpha_attn, "
+                        "embedding lr factor and zero-init query/readout (ranges: sweep.SPACE) with N "
+                        "configurations at the narrowest --widths, pruned by successive halving")
+    p.add_argument("--search-eta", type=int, default=4, help="successive halving keeps the best 1/ETA per rung")
+    p.add_argument("--search-rungs", type=int, default=2,
+                   help="rungs; rung r runs max_steps / eta^(rungs-1-r) steps (default 2: 1/4 then full)")
     p.add_argument("--base-width", type=int, default=None, help="muP base width (default: the preset's width)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
@@ -227,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--transfer-to", type=int, default=None, metavar="WIDTH",
-                   help="write a pretrain --config file for this width with the tuned values")
+                   help="write a pretrain --config file for this width with every tuned value (lr and, after "
+                        "--search, all the multipliers and zero-init switches)")
     p.add_argument("--out", default="out/sweep", help="output directory (finished runs are reused)")
     p.set_defaults(func=_sweep)
     from .train.commands import add_commands

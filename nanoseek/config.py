@@ -36,7 +36,9 @@ GPT2_KEYS = {
 }
 
 # Fields that exist only in nanoseek (written as extra config.json keys).
-NANOSEEK_KEYS = ("mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width", "embedding_multiplier")
+NANOSEEK_KEYS = ("mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width", "embedding_multiplier",
+                 "readout_multiplier", "attention_multiplier", "embedding_lr_multiplier", "zero_init_query",
+                 "zero_init_readout")
 
 
 @dataclass
@@ -94,6 +96,11 @@ class ModelConfig:
     router_balance: str = "aux_free"  # aux_free: bias + sequence-wise loss; aux_loss: classic loss; none
     mup_base_width: int | None = None  # None: standard parametrization
     embedding_multiplier: float = 1.0  # input embeddings are multiplied by this (muP's alpha_emb); folded on export
+    readout_multiplier: float = 1.0  # logits multiplied by this (alpha_out; times 1/m under muP); folded on export
+    attention_multiplier: float = 1.0  # attention logits multiplied by this (alpha_attn); folded into q on export
+    embedding_lr_multiplier: float = 1.0  # Adam lr factor of the embedding tables (a tied head shares it)
+    zero_init_query: bool = False  # query projections start at 0 (TP5's recommendation; all heads attend uniformly)
+    zero_init_readout: bool = False  # an untied lm_head starts at 0 (TP5's recommendation)
 
     def __post_init__(self):
         self.validate()
@@ -118,8 +125,11 @@ class ModelConfig:
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must be in [0, 1)")
-        if not self.embedding_multiplier > 0:
-            bad("embedding_multiplier", "must be > 0")
+        for name in ("embedding_multiplier", "readout_multiplier", "attention_multiplier", "embedding_lr_multiplier"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0")
+        if self.zero_init_readout and self.tie_word_embeddings:
+            bad("zero_init_readout", "needs an untied lm_head (a tied head is the embedding table)")
         if not self.initializer_range > 0:
             bad("initializer_range", "must be > 0")
         if self.mup_base_width is not None and self.mup_base_width < 1:
@@ -189,6 +199,12 @@ class ModelConfig:
             self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers > 0)
 
     @property
+    def folds_tied_readout(self) -> bool:
+        """A tied head whose multipliers (muP, alpha_emb, alpha_out) are folded on export: written untied."""
+        return self.tie_word_embeddings and (self.mup_base_width is not None or self.embedding_multiplier != 1.0
+                                             or self.readout_multiplier != 1.0)
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -250,7 +266,7 @@ class ModelConfig:
             out = {"architectures": ["DeepseekV3ForCausalLM"], **{k: v for k, v in d.items() if k not in skip}}
             out["num_key_value_heads"] = self.num_attention_heads
             out["num_mtp_layers"] = self.num_nextn_predict_layers
-        if self.tie_word_embeddings and (self.mup_base_width is not None or self.embedding_multiplier != 1.0):
+        if self.folds_tied_readout:
             # the multipliers are folded into the weights on disk, so a tied head is written on its own
             out["tie_word_embeddings"] = False
             extras["tied_readout_folded"] = True

@@ -27,12 +27,22 @@ wherever that package has a rule; a test checks agreement for GPT-2. Explicit ru
     rule by fan_in covers both cases).
   * attention scale: muP asks for 1/d_head instead of 1/sqrt(d_head) because d_head grows with width in the
     paper's setting. nanoseek's width scaling keeps head dims fixed and grows the head count, so the two
-    differ by a width-independent constant; we keep 1/sqrt(d_head), which makes muP equal SP at the base width.
+    differ by a width-independent constant; we keep 1/sqrt(d_head), which makes muP equal SP at the base width
+    (`attention_multiplier = d_head ** -0.5` gives `mup`'s 1/d_head exactly).
   * tied embeddings (GPT-2): the shared table is an embedding (lr, init unchanged); the 1/m multiplier acts
     on the logits only, as `MuSharedReadout` does.
-Embedding multiplier: `ModelConfig.embedding_multiplier` (alpha_emb, default 1) scales the input embeddings;
-like init std and learning rate it is a width-independent hyperparameter to tune on the proxy (`nanoseek
-sweep --emb-mults`), folded into the embedding weights on export.
+Width-independent multipliers (TP5 section 7.3 tunes these on the proxy with the learning rate; `nanoseek sweep
+--search` does too, and `--transfer-to` writes them all). Each defaults to 1 / off, which is the table above:
+  * alpha_emb  `embedding_multiplier`: input embeddings times alpha_emb (folded into the tables on export).
+  * alpha_out  `readout_multiplier`: logits times alpha_out / m (folded into lm_head on export).
+  * alpha_attn `attention_multiplier`: attention logits times alpha_attn (folded into the query on export).
+  * eta_emb    `embedding_lr_multiplier`: the embedding tables' Adam lr is lr * eta_emb (a tied GPT-2 head is
+    the same tensor, so it shares the factor). Under Adam, alpha_emb scales the embedding's init *and* its
+    update; eta_emb scales the update alone.
+  * `zero_init_query`, `zero_init_readout`: TP5's recommended zero init of the query projections (q part of
+    GPT-2's c_attn, MLA's q_b_proj / q_proj) and of an untied lm_head.
+  * sigma `initializer_range`, and the base width itself (a larger base width b' = the same model with hidden
+    lr * b'/b, hidden init * sqrt(b'/b) and alpha_out * b'/b).
 Weight decay follows MuAdam (wd * m_in for hidden matrices, so the decoupled decay lr*wd does not change with
 width).
 
@@ -54,8 +64,8 @@ def width_multiplier(cfg: ModelConfig) -> float:
 
 
 def output_multiplier(cfg: ModelConfig) -> float:
-    """The factor on the logits: 1/m under muP, 1 otherwise."""
-    return 1.0 / width_multiplier(cfg)
+    """The factor on the logits: alpha_out / m under muP, alpha_out otherwise (alpha_out defaults to 1)."""
+    return cfg.readout_multiplier / width_multiplier(cfg)
 
 
 def base_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -73,12 +83,57 @@ def fan_in_multipliers(model: nn.Module) -> dict[str, float]:
     if cfg.mup_base_width is None:
         return out
     base = base_shapes(cfg)
-    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    embeddings = embedding_names(model)
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.dim() < 2 or name in embeddings or name == "lm_head.weight" or name not in base:
             continue  # (not in base: LoRA factors, which keep the base learning rate)
         out[name] = p.shape[-1] / base[name][-1]
     return out
+
+
+def embedding_names(model: nn.Module) -> set[str]:
+    """Parameter names of the embedding tables (wte, wpe, embed_tokens)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
+def query_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weight rows that produce attention queries: GPT-2 c_attn[:H] (and its bias), MLA q_b_proj / q_proj."""
+    cfg: ModelConfig = model.config
+    out = []
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            out.append(p[: cfg.hidden_size])  # (H, H) / (H,): c_attn is [q; k; v]
+        elif name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+            out.append(p)
+    return out
+
+
+QUERY_KEYS = ("attn.c_attn.weight", "attn.c_attn.bias", "self_attn.q_b_proj.weight", "self_attn.q_proj.weight")
+
+
+def scale_queries(cfg: ModelConfig, sd: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """A copy of the in-memory state dict `sd` with the query rows times `factor` (folds alpha_attn on export:
+    q.k * alpha_attn = (alpha_attn q).k; every query row of MLA, nope and rope parts alike, feeds only q.k)."""
+    out = dict(sd)
+    for key, t in sd.items():
+        if key.endswith(QUERY_KEYS):
+            t = t.clone()
+            (t[: cfg.hidden_size] if ".c_attn." in key else t).mul_(factor)  # c_attn is [q; k; v]
+            out[key] = t
+    return out
+
+
+@torch.no_grad()
+def mup_init(model: nn.Module) -> None:
+    """After the standard init: muP's 1/sqrt(m_in) rescaling (muP only), then the zero-init switches."""
+    cfg: ModelConfig = model.config
+    if cfg.mup_base_width is not None:
+        rescale_init(model)
+    if cfg.zero_init_query:
+        for w in query_weights(model):
+            w.zero_()
+    if cfg.zero_init_readout:
+        model.lm_head.weight.zero_()
 
 
 @torch.no_grad()
@@ -93,19 +148,22 @@ def rescale_init(model: nn.Module) -> None:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups keyed by (lr factor, weight decay): each dict has params, lr_scale, weight_decay, name.
 
-    Vectors (norms, biases) get no weight decay; matrices get `weight_decay * m_in`; lr_scale = 1 / m_in.
-    Tied parameters appear once.
+    Vectors (norms, biases) get no weight decay; matrices get `weight_decay * m_in`; lr_scale = 1 / m_in, and
+    eta_emb (`embedding_lr_multiplier`) for the embedding tables. Tied parameters appear once.
     """
-    mults = fan_in_multipliers(model)
-    groups: dict[tuple[float, bool], dict] = {}
+    mults, embeddings = fan_in_multipliers(model), embedding_names(model)
+    eta_emb = model.config.embedding_lr_multiplier
+    groups: dict[tuple[float, bool, bool], dict] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        m_in, decay = mults[name], p.dim() >= 2
-        g = groups.setdefault((m_in, decay), {
-            "params": [], "lr_scale": 1.0 / m_in, "weight_decay": weight_decay * m_in if decay else 0.0,
-            "name": f"{'decay' if decay else 'no_decay'}{'' if m_in == 1 else f'/m_in={m_in:g}'}"})
+        m_in, decay, emb = mults[name], p.dim() >= 2, name in embeddings and eta_emb != 1.0
+        g = groups.setdefault((m_in, decay, emb), {
+            "params": [], "lr_scale": (eta_emb if emb else 1.0) / m_in,
+            "weight_decay": weight_decay * m_in if decay else 0.0,
+            "name": f"{'decay' if decay else 'no_decay'}{'' if m_in == 1 else f'/m_in={m_in:g}'}"
+                    f"{'/embedding' if emb else ''}"})
         g["params"].append(p)
     return list(groups.values())

@@ -254,7 +254,8 @@ def test_to_hf_dict_uses_hf_key_names():
     assert d["rope_parameters"] == YARN and d["num_key_value_heads"] == 4
     assert d["num_nextn_predict_layers"] == 1
     assert set(d["nanoseek"]) == {"mtp_loss_weight", "aux_loss_alpha", "router_balance", "mup_base_width",
-                                  "embedding_multiplier"}
+                                  "embedding_multiplier", "readout_multiplier", "attention_multiplier",
+                                  "embedding_lr_multiplier", "zero_init_query", "zero_init_readout"}
     assert "router_balance" not in d and "embd_pdrop" not in d
 
 

@@ -4,7 +4,7 @@ and the coordinate check is flat under muP while it grows under the standard par
 import pytest
 import torch
 
-from nanoseek import Model, ModelConfig
+from nanoseek import Model, ModelConfig, mup
 from nanoseek.mup import fan_in_multipliers, output_multiplier, param_groups
 
 
@@ -165,3 +165,55 @@ def test_embedding_multiplier_folds_on_export(make, mup_on, tmp_path):
     assert back.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("make", [gpt2, dsv3])
+def test_readout_and_attention_multipliers_fold_on_export(make, tmp_path):
+    """alpha_out and alpha_attn act in nanoseek and are folded into lm_head / the queries for transformers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = make(width=64).replace(readout_multiplier=2.0, attention_multiplier=0.5, initializer_range=0.2)
+    model = Model(cfg).eval()
+    assert output_multiplier(cfg) == pytest.approx(1.0)  # alpha_out / m = 2 / 2
+    x = torch.randint(0, 128, (2, 11))
+    for knob in ("readout_multiplier", "attention_multiplier"):
+        plain = Model(cfg.replace(**{knob: 1.0})).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (model(x) - plain(x)).abs().max() > 1e-3, knob  # the multiplier does act
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+    back = Model.from_pretrained(tmp_path)
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, back.state_dict()[k], atol=1e-7), k
+
+
+@pytest.mark.parametrize("make", [gpt2, dsv3])
+def test_zero_init_query_and_readout(make):
+    tied = make().tie_word_embeddings
+    cfg = make().replace(zero_init_query=True, zero_init_readout=not tied)
+    model = Model(cfg)
+    q = mup.query_weights(model)
+    assert q and all(w.abs().sum() == 0 for w in q)
+    if model.config.model_type == "gpt2":  # keys and values keep their init
+        assert model.transformer.h[0].attn.c_attn.weight[cfg.hidden_size:].abs().sum() > 0
+    else:
+        assert model.model.layers[0].self_attn.kv_b_proj.weight.abs().sum() > 0
+        assert model.lm_head.weight.abs().sum() == 0
+    if tied:
+        with pytest.raises(ValueError, match="zero_init_readout"):
+            make().replace(zero_init_readout=True)
+
+
+def test_embedding_lr_multiplier_has_its_own_group():
+    model = Model(gpt2(width=128).replace(embedding_lr_multiplier=0.25))
+    groups = param_groups(model, weight_decay=0.1)
+    emb = [g for g in groups if g["name"].endswith("/embedding")]
+    assert {id(p) for g in emb for p in g["params"]} == {id(model.transformer.wte.weight),
+                                                            id(model.transformer.wpe.weight)}
+    assert all(g["lr_scale"] == 0.25 for g in emb)
+    hidden = model.transformer.h[0].attn.c_attn.weight  # m_in = 4: lr / 4, independent of eta_emb
+    assert [g["lr_scale"] for g in groups if any(p is hidden for p in g["params"])] == [0.25]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nanoseek import sweep
 from nanoseek.cli import main
 from nanoseek.train.config import TrainConfig, load_config_file
 
@@ -59,3 +60,25 @@ def test_mup_trainconfig_builds_mup_optimizer(corpus, tmp_path):
     assert all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"]) for g in opt.param_groups)
     hidden = [g for g in opt.param_groups if g["lr_scale"] == 0.5]
     assert hidden and all(g["weight_decay"] == pytest.approx(0.2) for g in hidden)
+
+
+def test_sweep_search_halves_and_transfers_every_value(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "search"
+    args = ["sweep", "--preset", "dsv3-tiny", "--widths", "32", "--search", "3", "--search-eta", "3",
+            "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
+            "--warmup-steps", "1", "--data", str(corpus), "--base-width", "32", "--transfer-to", "64",
+            "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    runs, chosen = data["runs"], data["summary"]["chosen"]
+    assert [r["steps"] for r in runs] == [1, 1, 1, 3]  # 3 configurations for 1 step, the best one for 3
+    first = min(runs[:3], key=lambda r: r["val_loss"])
+    assert runs[3]["lr"] == first["lr"] == chosen["lr"] and chosen["val_loss"] == runs[3]["val_loss"]
+    assert runs[0]["out"] is None and runs[1]["out"] is not None  # trial 0: the defaults; others: random draws
+    cfg = TrainConfig.from_dict(load_config_file(out / "transfer-64.json"))
+    for key, field in sweep.HPARAMS.items():
+        assert getattr(cfg, field) == chosen[key], key
+    assert cfg.hidden_size == 64 and cfg.mup_base_width == 32 and cfg.lr == chosen["lr"]
+    assert main([*args[:-2], "--search-eta", "1", "--out", str(out)]) == 2
+    assert "--search-eta >= 2" in capsys.readouterr().err

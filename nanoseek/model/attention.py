@@ -108,7 +108,7 @@ class GPT2Attention(nn.Module):
         self.c_proj = linear(cfg.hidden_size, cfg.hidden_size, bias=True)
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim ** -0.5 * cfg.attention_multiplier  # alpha_attn (mup.py)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -142,7 +142,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank)
         self.kv_b_proj = linear(self.kv_rank, self.n_head * (self.nope + self.v_dim))
         self.o_proj = linear(self.n_head * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
-        self.scale = softmax_scale(cfg)
+        self.scale = softmax_scale(cfg) * cfg.attention_multiplier  # alpha_attn (mup.py)
         self.dropout = cfg.attention_dropout
 
     def forward(self, x: torch.Tensor, rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor,

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import lora, lora_io
 from ..config import ModelConfig
-from ..mup import output_multiplier, rescale_init
+from ..mup import mup_init, output_multiplier
 from . import decoding
 from .attention import MLA, GPT2Attention, KVCache
 from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU, linear
@@ -235,7 +235,7 @@ class Model(nn.Module):
         | norm weights (RMSNorm, LayerNorm)            | 1 (LayerNorm bias 0)                   |
         | e_score_correction_bias                      | 0 (fp32 buffer, not trained)           |
         std = config.initializer_range (0.006 for DeepSeek-V3, 0.02 for GPT-2). Under muP, mup.rescale_init then
-        divides each hidden matrix by sqrt(m_in) (see the table in mup.py).
+        divides each hidden matrix by sqrt(m_in) and applies the zero-init switches (see mup.py).
         """
         cfg, std = self.config, self.config.initializer_range
         resid_std = std / (2 * cfg.num_hidden_layers) ** 0.5
@@ -257,8 +257,7 @@ class Model(nn.Module):
                 nn.init.normal_(m.experts.gate_up_proj, 0.0, std)
                 nn.init.normal_(m.experts.down_proj, 0.0, std)
         self.tie_weights()
-        if cfg.mup_base_width is not None:
-            rescale_init(self)
+        mup_init(self)
         self.expert_load_accum = None
 
     # ------------------------------------------------------------------ forward

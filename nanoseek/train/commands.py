@@ -45,7 +45,7 @@ def add_commands(subparsers) -> None:
         t = str(f.type)
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help_ + "; bare flag = latest")
-        elif t == "bool":
+        elif t.split(" |")[0] == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         elif f.name == "preset":
             p.add_argument(flag, choices=sorted(PRESETS), help=help_)

@@ -39,6 +39,11 @@ class TrainConfig:
                                           "transfer); None: standard parametrization")
     initializer_range: float | None = _f(None, "override the init std (sigma of the init table)")
     embedding_multiplier: float | None = _f(None, "override the input-embedding multiplier (muP's alpha_emb)")
+    readout_multiplier: float | None = _f(None, "override the logit multiplier (muP's alpha_out)")
+    attention_multiplier: float | None = _f(None, "override the attention-logit multiplier (muP's alpha_attn)")
+    embedding_lr_multiplier: float | None = _f(None, "override the embedding tables' Adam lr factor")
+    zero_init_query: bool | None = _f(None, "override: start the query projections at 0")
+    zero_init_readout: bool | None = _f(None, "override: start an untied lm_head at 0")
     num_hidden_layers: int | None = _f(None, "override the model's num_hidden_layers")
     mtp_loss_weight: float | None = _f(None, "override lambda of the MTP loss (0 turns MTP training off)")
     router_balance: str | None = _f(None, f"override MoE balancing, one of {ROUTER_BALANCE}")
@@ -146,7 +151,10 @@ class TrainConfig:
             cfg = cfg.with_width(self.hidden_size)
         overrides = {k: getattr(self, k) for k in ("num_hidden_layers", "mtp_loss_weight", "router_balance",
                                                      "aux_loss_alpha", "topk_group", "vocab_size", "mup_base_width",
-                                                     "initializer_range", "embedding_multiplier")}
+                                                     "initializer_range", "embedding_multiplier",
+                                                     "readout_multiplier", "attention_multiplier",
+                                                     "embedding_lr_multiplier", "zero_init_query",
+                                                     "zero_init_readout")}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "num_hidden_layers" in overrides and cfg.first_k_dense_replace > overrides["num_hidden_layers"]:
             overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
