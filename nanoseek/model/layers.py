@@ -19,11 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..fp8 import PLAIN, Precision
 from ..lora import LoraLinear
 
 
+class Linear(LoraLinear):
+    """The projection type: a LoraLinear whose base product follows the model's precision recipe (fp8.py).
+
+    `precision` is set per model by `Model.set_precision`; parameter names and the state dict are unchanged.
+    """
+
+    precision: Precision = PLAIN
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.precision.linear(x, self.weight, self.bias)
+
+
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    return LoraLinear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 class RMSNorm(nn.Module):

@@ -35,6 +35,7 @@ from ..mup import output_multiplier, rescale_init
 from .attention import MLA, GPT2Attention, KVCache
 from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU, linear
 from .moe import MoE
+from .precision import set_precision
 
 IGNORE_INDEX = -100
 
@@ -167,6 +168,11 @@ class Model(nn.Module):
         from ..checkpoint import save_pretrained
 
         return save_pretrained(self, path, dtype=dtype, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ precision recipe (fp8.py) [fp8 branch]
+    def set_precision(self, name: str = "plain", quantize: bool = True, pow2: bool = False):
+        """Run the projections and routed experts in `name` ("plain" or "fp8"); see model/precision.py."""
+        return set_precision(self, name, quantize=quantize, pow2=pow2)
 
     # ------------------------------------------------------------------ LoRA adapters (lora.py)
     @property

@@ -75,6 +75,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
     compile: bool = _f(False, "torch.compile the model")
+    fp8: bool = _f(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "
+                          "weight blocks, E4M3, fp32 accumulation; emulated on CPU); checkpoints stay fp32")
     fsdp: bool = _f(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
     cache_dir: str | None = _f(None, "tokenizer/token cache (default $NANOSEEK_CACHE or ~/.cache/nanoseek)")
 

@@ -104,6 +104,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     val_bytes = corpus.num_bytes("val")
 
     model = Model(mcfg, device=device)  # init consumes the seeded torch RNG identically on every rank
+    model.set_precision("fp8" if cfg.fp8 else "plain")
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout streams differ per rank
     # wrap before building the optimizer: FSDP2 swaps the parameters for sharded DTensor ones
     wrapped = wrap_model(model, d, device, cfg.fsdp)
