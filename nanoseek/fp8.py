@@ -166,6 +166,24 @@ class FP8Linear(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+class FrozenFP8Weight(torch.autograd.Function):
+    """y = x deq(W)^T for a frozen FP8 base weight (QLoRA-style, weight-only: x stays in its precision).
+
+    Saves only x's shape and the fp8 blocks: deq(W) is rebuilt for the dgrad, never kept. No wgrad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq, ws):
+        ctx.save_for_backward(wq, ws)
+        ctx.dtype = x.dtype
+        return _mm(x, dequantize_blocks(wq, ws).t()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        wq, ws = ctx.saved_tensors
+        return _mm(g, dequantize_blocks(wq, ws)).to(ctx.dtype), None, None
+
+
 class FP8GroupedMM(torch.autograd.Function):
     """Rows of x sorted by expert times each expert's FP8 matrix: x (M, K) tiles, w (E, K, N) blocks, offs (E,).
 
@@ -237,6 +255,16 @@ class Precision:
         else:
             wq, ws = weight, None
         y = FP8Linear.apply(x, weight, wq, ws, self)
+        return y if bias is None else y + bias
+
+    def frozen_linear(self, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """x (..., K) W^T (+ b) for a frozen base held as fp8 blocks wq (N, K) + scales ws: under "fp8" the
+        activations are tiled too (FP8Linear, no wgrad); under "plain" only the weight is FP8."""
+        if self.fp8 and self.quantize:
+            y = FP8Linear.apply(x, None, wq, ws, self)
+        else:
+            y = FrozenFP8Weight.apply(x, wq, ws)
         return y if bias is None else y + bias
 
     def grouped(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, mm) -> torch.Tensor:

@@ -57,6 +57,7 @@ from ..data.sft import (
 )
 from ..data.tokenizer import Tokenizer
 from ..model import Model
+from ..model.precision import quantize_base
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .metrics import MetricsLog, peak_memory_bytes
 from .optim import SCHEDULES, configure_optimizer, lr_at, set_lr
@@ -114,6 +115,7 @@ class FinetuneConfig:
     plots: bool = True
     tensorboard: bool = False
     fp8: bool = False
+    base_fp8: bool = False
     fsdp: bool = False  # read by the shared optimizer step; fine-tuning uses DDP only
 
     def __post_init__(self):
@@ -126,6 +128,9 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"FinetuneConfig.dtype={self.dtype!r} must be auto, bfloat16 or float32")
+        if self.base_fp8 and self.full:
+            raise ValueError("FinetuneConfig: base_fp8=True (--base-fp8) needs LoRA: a frozen FP8 base cannot be "
+                             "fully fine-tuned (drop --full)")
         if self.lr <= 0 or self.warmup_steps < 0 or self.lora_dropout < 0 or self.lora_dropout >= 1:
             raise ValueError(f"FinetuneConfig: need lr > 0, warmup_steps >= 0 and 0 <= lora_dropout < 1 "
                              f"(got {self.lr}, {self.warmup_steps}, {self.lora_dropout})")
@@ -177,6 +182,8 @@ HELP = {  # --help text of each FinetuneConfig field
     "resume": "a checkpoint directory or 'latest' to continue from",
     "plots": "write PNG plots of the metrics",
     "tensorboard": "also log to TensorBoard",
+    "base_fp8": "hold the frozen base projections as FP8 128x128 blocks (+ scales), full-precision copy freed; "
+                "LoRA only; the adapter is an ordinary PEFT adapter of the unquantized base",
     "fp8": "fine-grained FP8 projections and routed experts (1x128 tiles, 128x128 blocks, E4M3; emulated on CPU)",
 }
 
@@ -255,6 +262,8 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         name = cfg.adapter_name
         model.add_adapter(name, cfg.lora_config())
         model.trainable_adapter(name)
+        if cfg.base_fp8:
+            quantize_base(model)  # after add_adapter: A/B stay full precision
     torch.manual_seed(cfg.seed + 1 + d.rank)  # the adapter's init above is the same on every rank; dropout differs
     runner = AdapterRunner(model, name)
     wrapped = wrap_model(runner, d, device)  # DDP over the parameters that train, for world_size > 1

@@ -41,3 +41,30 @@ def test_fp8_backward_reaches_every_weight_gpt2():
     x = tokens(2, 16)
     model(x, targets=x).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_quantize_base_frees_memory_and_trains_only_the_adapter():
+    from nanoseek.fp8 import FP8
+    from nanoseek.lora import LoraConfig
+    from nanoseek.model.precision import quantize_base
+
+    model = make_model(ds(), std=0.05)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        ref = model(x)
+    model.add_adapter("a", LoraConfig(r=4, init_lora_weights=False))
+    model.trainable_adapter("a")
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    freed = quantize_base(model)
+    after = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("weight_scale_inv"))
+    assert freed > 0 and before - after == freed
+    assert model.model.layers[0].self_attn.q_a_proj.weight.dtype == FP8
+    assert model.lm_head.weight.dtype == torch.float32
+    with torch.no_grad():
+        y = model(x)
+    assert 1e-5 < ((y - ref).norm() / ref.norm()).item() < 0.1  # weight-only FP8 error
+    model.train()
+    model(x, targets=x, adapter="a").loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)
