@@ -28,11 +28,15 @@ from .moe import Experts
 def set_precision(model: nn.Module, name: str = "plain", quantize: bool = True, pow2: bool = False) -> Precision:
     """Attach one Precision(name) to every projection and routed-expert block of `model` except lm_head."""
     recipe = Precision(name, quantize=quantize, pow2=pow2)
-    keep = {id(model.get_submodule("lm_head"))} if "lm_head" in dict(model.named_children()) else set()
-    for m in model.modules():
-        if isinstance(m, (Linear, Experts)) and id(m) not in keep:
-            m.precision = recipe
+    for m in _targets(model, (Linear, Experts)):
+        m.precision = recipe
     return recipe
+
+
+def _targets(model: nn.Module, kinds: tuple[type, ...]) -> list[nn.Module]:
+    """Modules of `kinds` in `model`, lm_head excluded (it stays in high precision)."""
+    head = dict(model.named_children()).get("lm_head")
+    return [m for m in model.modules() if isinstance(m, kinds) and m is not head]
 
 
 @torch.no_grad()
@@ -42,10 +46,9 @@ def quantize_base(model: nn.Module) -> int:
     Add the adapters first (their A/B take the base weight's dtype when created). Merging an adapter into an
     FP8 base, or casting the model with `.to(dtype)` afterwards, is not supported.
     """
-    keep = {id(model.get_submodule("lm_head"))} if "lm_head" in dict(model.named_children()) else set()
     freed = 0
-    for m in model.modules():
-        if isinstance(m, Linear) and id(m) not in keep and m.weight.dtype != FP8:
+    for m in _targets(model, (Linear,)):
+        if m.weight.dtype != FP8:
             w = m.weight
             q, s = quantize_blocks(w)
             freed += w.numel() * w.element_size() - q.numel() - s.numel() * s.element_size()
