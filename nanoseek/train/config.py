@@ -57,6 +57,8 @@ class TrainConfig:
     schedule: str = _f("cosine", f"lr schedule, one of {SCHEDULES}")
     decay_frac: float = _f(0.2, "wsd: fraction of steps spent decaying at the end")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices and embeddings only)")
+    bf16_moments: bool = _f(False, "keep AdamW's moments m and v in bf16 (DeepSeek-V3 section 3.3.3); the update "
+                                   "is fp32")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     bias_update_gamma: float = _f(0.001, "aux-loss-free router bias step gamma")
     bias_update_stop_frac: float = _f(0.1, "gamma becomes 0 for this last fraction of steps (V3: 0.1)")

@@ -108,7 +108,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout streams differ per rank
     # wrap before building the optimizer: FSDP2 swaps the parameters for sharded DTensor ones
     wrapped = wrap_model(model, d, device, cfg.fsdp)
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, bf16_moments=cfg.bf16_moments)
     loader = PackedLoader(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=d.rank,
                           world_size=d.world_size, device=device)
     start_step, metrics_offset = 0, None
