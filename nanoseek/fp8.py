@@ -17,8 +17,10 @@ instead). `Precision` is the recipe object a model's linears and experts consult
 
 Matmuls. CPU (and CUDA without blockwise `torch._scaled_mm`): exact emulation, dequantize to fp32 and matmul
 in fp32, so every numerical claim is testable without a GPU; on CUDA that fallback warns once. CUDA with
-blockwise scaled_mm (SM90, probed once per device and cached on the recipe): `torch._scaled_mm` with (M, K/128)
-and (K/128, N/128) outer-dim-major scales, out in fp32 (untested here: no GPU was lent).
+blockwise scaled_mm (SM90, probed once per device and cached on the recipe): the forward GEMM runs
+`torch._scaled_mm` with (M, K/128) and (K/128, N/128) outer-dim-major scales (untested here: no GPU was lent);
+dgrad, wgrad and the experts' grouped GEMM are still emulated (`torch._scaled_grouped_mm` is not wired yet).
+The FP8Linear also saves W's fp8 blocks (1 byte per weight) so the backward need not re-quantize.
 
 Scales: exact fp32 amax/448 by default (uses all of E4M3's range: per-element relative error <= 2^-4, the
 half-ulp of a 3-bit mantissa); `pow2=True` rounds each scale up to a power of two (dequantizing is then an
