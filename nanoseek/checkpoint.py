@@ -7,7 +7,13 @@ The in-memory state dict already uses HF names; the on-disk form differs in four
   * MTP module k (`mtp.{k}.*`) is written as layer `model.layers.{L + k}.*`, with copies of the shared
     `embed_tokens.weight` and `shared_head.head.weight`, as DeepSeek-V3's released checkpoint does;
   * GPT-2's four projections are Conv1D on disk (weight transposed: (in, out));
-  * a tied lm_head is not written.
+  * a tied lm_head is not written;
+  * `save_pretrained(..., fp8=True)` writes DeepSeek-V3's FP8 release format: every projection weight
+    (`*_proj.weight`, experts included; not the embedding, lm_head, router gate or norms) as float8_e4m3fn with
+    a `*.weight_scale_inv` fp32 tensor of 128x128 block scales (weight ~ fp8 * scale_inv per block, the last
+    blocks partial) and `quantization_config` in config.json, as DeepSeek and transformers' FineGrainedFP8
+    write it. Loading dequantizes such weights (`dequantize_release`); the model itself is never FP8 on disk
+    otherwise.
 
 Writes are atomic: everything goes into a temporary sibling directory that is renamed into place, so a
 crash leaves the old checkpoint or the new one, never half of one. Only safetensors are ever read.
@@ -29,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .fp8 import FP8, TILE, dequantize_blocks, quantize_blocks
 from .mup import output_multiplier, scale_queries
 
 WEIGHTS = "model.safetensors"
@@ -42,6 +49,10 @@ OWNED = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\
                    r"special_tokens_map\.json|adapter_config\.json|adapter_model\.safetensors|trainer_state|"
                    r"metrics\.jsonl|README\.md|.*\.png)$")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [TILE, TILE],
+                           "activation_scheme": "dynamic"}
+FP8_WEIGHT = re.compile(r"_proj(_with_mqa)?\.weight$")  # projections and experts (router is mlp.gate.weight)
+SCALE_INV = "_scale_inv"
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -141,6 +152,54 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
         out["lm_head.weight"] = out["lm_head.weight"] / output_multiplier(cfg)
     if cfg.attention_multiplier != 1.0:  # unfold alpha_attn
         out = scale_queries(cfg, out, 1.0 / cfg.attention_multiplier)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- FP8 release format
+def quantize_release(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk state dict -> DeepSeek-V3 FP8 release form: each projection weight (out, in) becomes float8_e4m3fn
+    (out, in) plus `<key>_scale_inv` (ceil(out/128), ceil(in/128)) fp32, weight ~ fp8 * scale_inv per block."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in hf.items():
+        if FP8_WEIGHT.search(key) and t.dim() == 2:
+            q, s = quantize_blocks(t)
+            out[key], out[key + SCALE_INV] = q.contiguous(), s.contiguous()  # q is a view of the padded blocks
+        else:
+            out[key] = t
+    return out
+
+
+def check_quantization_config(path: Path, qc) -> None:
+    """Accept only the fine-grained FP8 scheme we can dequantize; name the bad field otherwise."""
+    want = FP8_QUANTIZATION_CONFIG
+    if not isinstance(qc, dict) or qc.get("quant_method") != want["quant_method"]:
+        raise ValueError(f"{path}: quantization_config {qc!r} is not supported (only quant_method 'fp8')")
+    for k in ("fmt", "weight_block_size"):
+        if k in qc and qc[k] != want[k]:
+            raise ValueError(f"{path}: quantization_config.{k}={qc[k]!r} is not supported (need {want[k]!r})")
+
+
+def dequantize_release(hf: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of `quantize_release`: every fp8 weight with a `_scale_inv` becomes fp8 * scale_inv per 128x128
+    block, in `dtype` (default: the dtype of the file's other floating tensors, as the rest of the model)."""
+    if dtype is None:
+        others = [t.dtype for k, t in hf.items() if t.is_floating_point() and t.dtype != FP8
+                  and not k.endswith(SCALE_INV)]
+        dtype = max(set(others), key=others.count) if others else torch.float32
+    out: dict[str, torch.Tensor] = {}
+    for key, t in hf.items():
+        if key.endswith(SCALE_INV):
+            if key[: -len(SCALE_INV)] not in hf:
+                raise ValueError(f"{key}: scale without its weight")
+            continue
+        if t.dtype == FP8:
+            s = hf.get(key + SCALE_INV)
+            blocks = tuple(-(-n // TILE) for n in t.shape[-2:])
+            if s is None or tuple(s.shape[-2:]) != blocks:
+                raise ValueError(f"{key}: float8 weight {tuple(t.shape)} needs {key + SCALE_INV} of shape {blocks}, "
+                                 f"found {None if s is None else tuple(s.shape)}")
+            t = dequantize_blocks(t, s.float()).to(dtype)
+        out[key] = t
     return out
 
 
@@ -245,18 +304,25 @@ def _fsync_dir(path: Path) -> None:
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer=None,
                     extra: Callable[[Path], None] | None = None,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None, fp8: bool = False) -> Path:
     """Write `model` as a HF model directory. `extra(tmp_dir)` may add files (e.g. trainer state) before
     the directory is renamed into place; `tokenizer` (anything with `.save(dir)`) is saved beside it;
-    `state_dict` replaces `model.state_dict()` (a full state dict gathered from FSDP shards)."""
+    `state_dict` replaces `model.state_dict()` (a full state dict gathered from FSDP shards); `fp8=True` writes
+    the projection weights in DeepSeek-V3's FP8 release format (see the module docstring)."""
     cfg: ModelConfig = model.config
+    if fp8 and cfg.model_type != "deepseek_v3":
+        raise ValueError(f"fp8=True: the FP8 release format is DeepSeek-V3's; model_type is {cfg.model_type!r}")
     sd = to_hf_state_dict(model, state_dict)
     if dtype is not None:
         sd = {k: (t if k.endswith("e_score_correction_bias") else t.to(dtype)) for k, t in sd.items()}
+    if fp8:
+        sd = quantize_release(sd)
 
     def fill(tmp: Path):
         hf = cfg.to_hf_dict()
         hf["dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+        if fp8:
+            hf["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -277,7 +343,12 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = None, 
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.load(path)
-    sd = from_hf_state_dict(cfg, read_safetensors_dir(path))
+    hf = read_safetensors_dir(path)
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if qc is not None or any(k.endswith(SCALE_INV) for k in hf):
+        check_quantization_config(path, qc if qc is not None else FP8_QUANTIZATION_CONFIG)
+        hf = dequantize_release(hf)
+    sd = from_hf_state_dict(cfg, hf)
     if cfg.model_type == "deepseek_v3" and cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in sd):
         # transformers writes num_mtp_layers=1 by default but saves no MTP weights: load the model without MTP
         warnings.warn(f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the "

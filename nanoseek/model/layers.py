@@ -19,11 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..fp8 import FP8, PLAIN, Precision
 from ..lora import LoraLinear
 
 
+class Linear(LoraLinear):
+    """The projection type: a LoraLinear whose base product follows the model's precision recipe (fp8.py).
+
+    `precision` is set per model by `Model.set_precision`; parameter names and the state dict are unchanged.
+    A frozen FP8 base (`precision.quantize_base`) holds `weight` as float8_e4m3fn (N, K) plus the buffer
+    `weight_scale_inv` (ceil(N/128), ceil(K/128)), DeepSeek's release names.
+    """
+
+    precision: Precision = PLAIN
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == FP8:  # a frozen FP8 base
+            return self.precision.frozen_linear(x, self.weight, self.weight_scale_inv, self.bias)
+        return self.precision.linear(x, self.weight, self.bias)
+
+
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    return LoraLinear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 class RMSNorm(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..fp8 import PLAIN, Precision
 from ..lora import LinearAdapters, expert_delta
 from .layers import SwiGLU, activation
 
@@ -118,8 +119,11 @@ class Experts(nn.Module):
     """Stacked routed experts (HF `mlp.experts`): gate_up_proj (E, 2I, H), down_proj (E, H, I).
 
     LoRA (see lora.py): `lora_A[adapter][proj]` (E, r, in), `lora_B[adapter][proj]` (E, out, r) per projection,
-    applied on the sorted token copies with the same grouped GEMM.
+    applied on the sorted token copies with the same grouped GEMM. `precision` (fp8.py, set per model by
+    `Model.set_precision`) runs the two base grouped GEMMs (FP8 or plain); the LoRA terms stay plain.
     """
+
+    precision: Precision = PLAIN
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -148,11 +152,11 @@ class Experts(nn.Module):
         by expert, token (C,) row of each sorted copy, w (C,) weight of each copy -> (N, H) weighted sums."""
         offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
         xs = x[token]  # (N*K, H) token copies sorted by expert
-        h = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs)  # (N*K, 2I)
+        h = self.precision.grouped(xs, self.gate_up_proj.transpose(1, 2), offs, grouped_mm)  # (N*K, 2I)
         h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
         gate, up = h.chunk(2, dim=-1)
         a = self.act(gate) * up
-        y = grouped_mm(a, self.down_proj.transpose(1, 2), offs)  # (N*K, H)
+        y = self.precision.grouped(a, self.down_proj.transpose(1, 2), offs, grouped_mm)  # (N*K, H)
         y = self._lora(y, "down_proj", a, flat, order, token, offs, N)
         y = y * w[order, None]
         return torch.zeros(N, x.shape[1], device=x.device, dtype=y.dtype).index_add_(0, token, y).to(x.dtype)

@@ -36,6 +36,7 @@ from . import decoding
 from .attention import MLA, GPT2Attention, KVCache
 from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU, linear
 from .moe import MoE
+from .precision import set_precision
 from .sampling import check_sampling
 
 IGNORE_INDEX = -100
@@ -170,6 +171,11 @@ class Model(nn.Module):
         from ..checkpoint import save_pretrained
 
         return save_pretrained(self, path, dtype=dtype, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ precision recipe (fp8.py) [fp8 branch]
+    def set_precision(self, name: str = "plain", quantize: bool = True, pow2: bool = False):
+        """Run the projections and routed experts in `name` ("plain" or "fp8"); see model/precision.py."""
+        return set_precision(self, name, quantize=quantize, pow2=pow2)
 
     # ------------------------------------------------------------------ LoRA adapters (lora.py)
     @property

@@ -64,6 +64,8 @@ class TrainConfig:
     schedule: str = _f("cosine", f"lr schedule, one of {SCHEDULES}")
     decay_frac: float = _f(0.2, "wsd: fraction of steps spent decaying at the end")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices and embeddings only)")
+    bf16_moments: bool = _f(False, "keep AdamW's moments m and v in bf16 (DeepSeek-V3 section 3.3.3); the update "
+                                   "is fp32")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     bias_update_gamma: float = _f(0.001, "aux-loss-free router bias step gamma")
     bias_update_stop_frac: float = _f(0.1, "gamma becomes 0 for this last fraction of steps (V3: 0.1)")
@@ -82,6 +84,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
     compile: bool = _f(False, "torch.compile the model")
+    fp8: bool = _f(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "
+                          "weight blocks, E4M3, fp32 accumulation; emulated on CPU); checkpoints stay fp32")
     fsdp: bool = _f(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
     expert_parallel: int = _f(1, "under torchrun: spread the routed experts over groups of N ranks (N divides "
                                  "the world size and n_routed_experts); 1: every rank holds every expert")

@@ -60,6 +60,7 @@ from ..data.sft import (
 )
 from ..data.tokenizer import Tokenizer
 from ..model import Model
+from ..model.precision import quantize_base
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .expert_parallel import ExpertParallel
 from .metrics import MetricsLog, peak_memory_bytes
@@ -124,6 +125,8 @@ class FinetuneConfig:
     plots: bool = True
     tensorboard: bool = False
     expert_parallel: int = 1
+    fp8: bool = False
+    base_fp8: bool = False
     fsdp: bool = False  # read by the shared optimizer step; fine-tuning uses DDP only
 
     def __post_init__(self):
@@ -142,6 +145,9 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.peft={self.peft!r} must be one of {PEFT_METHODS}")
         if self.peft == "vera" and (self.dora or self.full):
             raise ValueError("FinetuneConfig: --peft vera cannot be combined with --dora or --full")
+        if self.base_fp8 and self.full:
+            raise ValueError("FinetuneConfig: base_fp8=True (--base-fp8) needs LoRA: a frozen FP8 base cannot be "
+                             "fully fine-tuned (drop --full)")
         if self.lr <= 0 or self.warmup_steps < 0 or self.lora_dropout < 0 or self.lora_dropout >= 1:
             raise ValueError(f"FinetuneConfig: need lr > 0, warmup_steps >= 0 and 0 <= lora_dropout < 1 "
                              f"(got {self.lr}, {self.warmup_steps}, {self.lora_dropout})")
@@ -209,6 +215,9 @@ HELP = {  # --help text of each FinetuneConfig field
     "resume": "a checkpoint directory or 'latest' to continue from",
     "plots": "write PNG plots of the metrics",
     "tensorboard": "also log to TensorBoard",
+    "base_fp8": "hold the frozen base projections as FP8 128x128 blocks (+ scales), full-precision copy freed; "
+                "LoRA only; the adapter is an ordinary PEFT adapter of the unquantized base",
+    "fp8": "fine-grained FP8 projections and routed experts (1x128 tiles, 128x128 blocks, E4M3; emulated on CPU)",
 }
 
 
@@ -276,6 +285,7 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
 
     tok = Tokenizer.load(cfg.base)
     model = Model.from_pretrained(cfg.base, device=device)
+    model.set_precision("fp8" if cfg.fp8 else "plain")
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{cfg.base}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     name = None
@@ -285,6 +295,8 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         name = cfg.adapter_name
         model.add_adapter(name, cfg.lora_config())
         model.trainable_adapter(name)
+        if cfg.base_fp8:
+            quantize_base(model)  # after add_adapter: A/B stay full precision
     torch.manual_seed(cfg.seed + 1 + d.rank)  # the adapter's init above is the same on every rank; dropout differs
     runner = AdapterRunner(model, name)
     if cfg.expert_parallel > 1:  # experts sharded; explicit gradient averaging (expert_parallel.py)

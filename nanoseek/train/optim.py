@@ -10,6 +10,10 @@ flat at `lr`, then linear to `min_lr_ratio * lr` over the last `decay_frac`).
 Why. A schedule that is a pure function of the step makes resume trivial (no scheduler state to save) and
 is easy to plot and test. Grouping by ndim is nanoGPT's rule and matches DeepSeek-V3 (no decay on norms).
 
+`AdamWBF16` (`--bf16-moments`) keeps AdamW's first and second moments in bf16, as DeepSeek-V3 does (report
+section 3.3.3: half the optimizer memory); the update itself is computed in fp32 and the master weights stay
+fp32.
+
 Rejected: torch.optim.lr_scheduler (stateful, and it composes badly with per-group muP scales); grouping by
 parameter name (breaks whenever a module is renamed).
 """
@@ -26,8 +30,45 @@ from ..mup import param_groups
 SCHEDULES = ("cosine", "wsd")
 
 
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW (decoupled decay) whose moments m, v are stored in bf16; the arithmetic of each step is fp32."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                st["step"] += 1
+                t, g = st["step"], p.grad.float()
+                m = st["exp_avg"].float().lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * wd)
+                update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(eps))
+                p.add_(update.to(p.dtype), alpha=-lr)
+        return loss
+
+
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                        betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+                        betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                        bf16_moments: bool = False) -> torch.optim.Optimizer:
     """AdamW over `model`'s trainable parameters; groups and their muP factors come from `mup.param_groups`.
 
     Under the standard parametrization that is two groups, "decay" (ndim >= 2) and "no_decay"; under muP the
@@ -39,7 +80,10 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     assert sorted(grouped) == sorted(seen) and len(set(grouped)) == len(grouped), \
         "every trainable parameter must sit in exactly one optimizer group"
     fused = len(seen) > 0 and all(p.is_cuda for p in seen.values())
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if bf16_moments:
+        opt = AdamWBF16(groups, lr=lr, betas=betas, eps=eps)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     set_lr(opt, lr)
     return opt
 

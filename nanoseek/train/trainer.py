@@ -107,6 +107,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     if cfg.expert_parallel > 1:  # fail before building anything
         check_mesh(d.world_size, cfg.expert_parallel, mcfg.n_routed_experts)
     model = Model(mcfg, device=device)  # init consumes the seeded torch RNG identically on every rank
+    model.set_precision("fp8" if cfg.fp8 else "plain")
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout streams differ per rank
     # wrap before building the optimizer: FSDP2 swaps the parameters for sharded DTensor ones, expert
     # parallelism keeps only this rank's experts
@@ -114,7 +115,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         wrapped = ExpertParallel(model, d, cfg.expert_parallel, device)
     else:
         wrapped = wrap_model(model, d, device, cfg.fsdp)
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, bf16_moments=cfg.bf16_moments)
     loader = PackedLoader(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=d.rank,
                           world_size=d.world_size, device=device)
     start_step, metrics_offset = 0, None

@@ -1,0 +1,277 @@
+"""Fine-grained FP8 (DeepSeek-V3 report section 3.3): 1x128 activation tiles, 128x128 weight blocks, E4M3.
+
+What. `quantize_tiles(x)` scales each 1x128 tile of the last dim of x by its own fp32 scale s = amax / 448 and
+casts to `torch.float8_e4m3fn`; `quantize_blocks(w)` does the same per 128x128 block of the last two dims.
+Sizes that are not multiples of 128 are zero-padded for the scale computation only (the fp8 tensor keeps the
+input's shape; the last tile/block is partial). An all-zero tile gets s = 1 (its fp8 values are 0, so any
+scale is exact). `dequantize_*` multiply back. `FP8Linear` is the linear `y = x W^T` as an autograd.Function:
+
+    forward  y  = (x in 1x128 tiles) (W in 128x128 blocks)^T            fp32 accumulation
+    dgrad    dx = (g in 1x128 tiles along out) (W blocks)                 the same W blocks, transposed
+    wgrad    dW = (g re-tiled 128x1, i.e. along tokens)^T (x re-tiled along tokens)
+
+The saved activation is the fp8 tensor + its scales (1 byte + 4/128 bytes per element, not 4). `FP8GroupedMM`
+does the same for the routed experts' grouped GEMM (blocks per expert); its wgrad uses the 1x128 row tiles
+of x and g, because 128-token tiles would straddle expert boundaries (DeepGEMM pads each expert to 128
+instead). `Precision` is the recipe object a model's linears and experts consult ("plain" or "fp8").
+
+Matmuls. CPU (and CUDA without blockwise `torch._scaled_mm`): exact emulation, dequantize to fp32 and matmul
+in fp32, so every numerical claim is testable without a GPU; on CUDA that fallback warns once. CUDA with
+blockwise scaled_mm (SM90, probed once per device and cached on the recipe): the forward GEMM runs
+`torch._scaled_mm` with (M, K/128) and (K/128, N/128) outer-dim-major scales (untested here: no GPU was lent);
+dgrad, wgrad and the experts' grouped GEMM are still emulated (`torch._scaled_grouped_mm` is not wired yet).
+The FP8Linear also saves W's fp8 blocks (1 byte per weight) so the backward need not re-quantize.
+
+Scales: exact fp32 amax/448 by default (uses all of E4M3's range: per-element relative error <= 2^-4, the
+half-ulp of a 3-bit mantissa); `pow2=True` rounds each scale up to a power of two (dequantizing is then an
+exponent shift, and it is what UE8M0 / MX hardware scales need) at the cost of up to one bit of range.
+
+Rejected: per-tensor scales (one outlier flattens every other value to zero: the reason for fine tiles);
+E5M2 for gradients (V3 uses E4M3 everywhere thanks to the fine tiles); keeping an fp32 copy of activations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value
+TILE = 128
+
+
+def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
+    pad = -x.shape[dim] % TILE
+    if pad == 0:
+        return x
+    spec = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, pad]
+    return F.pad(x, spec)
+
+
+def _scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    s = amax.float() / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero tile: any scale is exact, keep 1
+    return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
+
+
+def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> fp8 (..., K), scales (..., ceil(K/128)) fp32 with x ~ fp8 * scale per 1x128 tile."""
+    K = x.shape[-1]
+    xp = _pad_to(x.float(), -1)
+    t = xp.view(*x.shape[:-1], -1, TILE)  # (..., K/128, 128)
+    s = _scale(t.abs().amax(-1), pow2)  # (..., K/128)
+    q = (t / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(*x.shape[:-1], -1)[..., :K], s
+
+
+def dequantize_tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fp8 (..., K), scales (..., ceil(K/128)) -> fp32 (..., K)."""
+    K = q.shape[-1]
+    t = _pad_to(q.float(), -1).view(*q.shape[:-1], -1, TILE)
+    return (t * s[..., None]).view(*q.shape[:-1], -1)[..., :K]
+
+
+def quantize_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., N, K) -> fp8 (..., N, K), scales (..., ceil(N/128), ceil(K/128)) fp32 per 128x128 block."""
+    N, K = w.shape[-2:]
+    wp = _pad_to(_pad_to(w.float(), -1), -2)
+    b = wp.view(*w.shape[:-2], wp.shape[-2] // TILE, TILE, wp.shape[-1] // TILE, TILE)  # (..., n, 128, k, 128)
+    s = _scale(b.abs().amax(dim=(-3, -1)), pow2)  # (..., n, k)
+    q = (b / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(wp.shape)[..., :N, :K], s
+
+
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fp8 (..., N, K), scales (..., ceil(N/128), ceil(K/128)) -> fp32 (..., N, K)."""
+    N, K = q.shape[-2:]
+    qp = _pad_to(_pad_to(q.float(), -1), -2)
+    b = qp.view(*q.shape[:-2], qp.shape[-2] // TILE, TILE, qp.shape[-1] // TILE, TILE)
+    return (b * s[..., :, None, :, None]).view(qp.shape)[..., :N, :K]
+
+
+# ---------------------------------------------------------------------------------------------- matmuls
+def blockwise_scaled_mm_ok(device: torch.device) -> bool:
+    """Does `torch._scaled_mm` take 1x128 x 128x128 blockwise scales on this device? (A real tiny call.)"""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.zeros(TILE, TILE, device=device, dtype=FP8)
+        b = torch.zeros(TILE, TILE, device=device, dtype=FP8)
+        sa = torch.ones(1, TILE, device=device).t()  # (M, K/128) outer-dim-major
+        sb = torch.ones(1, 1, device=device).t()  # (K/128, N/128)
+        torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 even under autocast (the emulation's fp32 accumulation; autocast would round to bf16)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    with torch.autocast(a.device.type, enabled=False):
+        return a.to(dtype) @ b.to(dtype)
+
+
+def _tiles_x_blocks(xq, xs, wq, ws, native: bool) -> torch.Tensor:
+    """(x fp8 (M, K) in 1x128 tiles) @ (w fp8 (N, K) in 128x128 blocks)^T -> fp32 (M, N)."""
+    if native and xq.shape[-1] % TILE == 0 and wq.shape[0] % TILE == 0 and xq.shape[0] % 16 == 0:
+        sa = xs.t().contiguous().t()  # (M, K/128) outer-dim-major; ws.t() is (K/128, N/128) likewise
+        return torch._scaled_mm(xq, wq.t(), sa, ws.t(), out_dtype=torch.bfloat16).float()
+    return _mm(dequantize_tiles(xq, xs), dequantize_blocks(wq, ws).t())
+
+
+class FP8Linear(torch.autograd.Function):
+    """y = x W^T with fine-grained FP8 inputs and fp32 accumulation; see the module docstring.
+
+    apply(x (..., K), weight (N, K) or None, wq, ws, recipe): wq/ws are W's blocks (quantized once by the
+    caller, or held frozen by an FP8 base with weight=None: then no wgrad). With recipe.quantize False every
+    quantizer is the identity (x and W pass unchanged), which is what gradcheck checks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, wq, ws, recipe):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        if recipe.quantize:
+            xq, xs = quantize_tiles(x2, recipe.pow2)
+            y = _tiles_x_blocks(xq, xs, wq, ws, recipe.native(x.device))
+        else:
+            xq, xs = x2, None
+            y = _mm(x2, wq.t())
+        ctx.recipe, ctx.shape, ctx.dtype = recipe, shape, x.dtype
+        ctx.wdtype = weight.dtype if weight is not None else wq.dtype
+        ctx.save_for_backward(xq, xs, wq, ws)  # fp8 activation + scales: the memory FP8 saves
+        return y.to(x.dtype).view(*shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        xq, xs, wq, ws = ctx.saved_tensors
+        r = ctx.recipe
+        g2 = g.reshape(-1, g.shape[-1])  # (M, N)
+        dx = dw = None
+        if r.quantize:
+            if ctx.needs_input_grad[0]:  # dgrad: g in 1x128 tiles along N, times the same W blocks
+                gq, gs = quantize_tiles(g2, r.pow2)
+                dx = _mm(dequantize_tiles(gq, gs), dequantize_blocks(wq, ws))  # (M, K) fp32 accumulate
+            if ctx.needs_input_grad[1]:  # wgrad: g and x re-tiled along the token axis (128x1 tiles)
+                gtq, gts = quantize_tiles(g2.t(), r.pow2)  # (N, M)
+                xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t(), r.pow2)  # (K, M)
+                dw = _mm(dequantize_tiles(gtq, gts), dequantize_tiles(xtq, xts).t())  # (N, K)
+        else:
+            dx = _mm(g2, wq) if ctx.needs_input_grad[0] else None
+            dw = _mm(g2.t(), xq) if ctx.needs_input_grad[1] else None
+        dx = None if dx is None else dx.to(ctx.dtype).view(ctx.shape)
+        dw = None if dw is None else dw.to(ctx.wdtype)
+        return dx, dw, None, None, None
+
+
+class FrozenFP8Weight(torch.autograd.Function):
+    """y = x deq(W)^T for a frozen FP8 base weight (QLoRA-style, weight-only: x stays in its precision).
+
+    Saves only x's shape and the fp8 blocks: deq(W) is rebuilt for the dgrad, never kept. No wgrad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq, ws):
+        ctx.save_for_backward(wq, ws)
+        ctx.dtype = x.dtype
+        return _mm(x, dequantize_blocks(wq, ws).t()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        wq, ws = ctx.saved_tensors
+        return _mm(g, dequantize_blocks(wq, ws)).to(ctx.dtype), None, None
+
+
+class FP8GroupedMM(torch.autograd.Function):
+    """Rows of x sorted by expert times each expert's FP8 matrix: x (M, K) tiles, w (E, K, N) blocks, offs (E,).
+
+    `mm(x, w, offs)` is the plain grouped GEMM (moe.grouped_mm), run on the dequantized operands (emulation;
+    fp32 accumulation). Backward: dx and dW from the dequantized fp8 x, W and 1x128-tiled g.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, offs, mm, recipe):
+        xq, xs = quantize_tiles(x, recipe.pow2)
+        wq, ws = quantize_blocks(w, recipe.pow2)  # blocks of (K, N) = the transposes of (N, K)'s blocks
+        ctx.mm, ctx.recipe, ctx.dtypes = mm, recipe, (x.dtype, w.dtype)
+        ctx.save_for_backward(xq, xs, wq, ws, offs)
+        with torch.autocast(x.device.type, enabled=False):
+            return mm(dequantize_tiles(xq, xs), dequantize_blocks(wq, ws), offs).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        xq, xs, wq, ws, offs = ctx.saved_tensors
+        gq, gs = quantize_tiles(g, ctx.recipe.pow2)
+        with torch.enable_grad(), torch.autocast(g.device.type, enabled=False):
+            xd = dequantize_tiles(xq, xs).requires_grad_(ctx.needs_input_grad[0])
+            wd = dequantize_blocks(wq, ws).requires_grad_(ctx.needs_input_grad[1])
+            y = ctx.mm(xd, wd, offs)
+            want = [t for t in (xd, wd) if t.requires_grad]
+            got = iter(torch.autograd.grad(y, want, dequantize_tiles(gq, gs)))
+        dx = next(got).to(ctx.dtypes[0]) if xd.requires_grad else None
+        dw = next(got).to(ctx.dtypes[1]) if wd.requires_grad else None
+        return dx, dw, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+@dataclass(eq=False)
+class Precision:
+    """The precision recipe of a model's projections and routed experts ("plain" or "fp8").
+
+    One object per model (set by `Model.set_precision`), consulted by every `layers.Linear.base_forward` and by
+    the experts' grouped GEMMs. `quantize=False` keeps the FP8 code path with identity quantizers (gradcheck).
+    """
+
+    name: str = "plain"
+    quantize: bool = True
+    pow2: bool = False
+    _native: dict = field(default_factory=dict, repr=False)  # device -> blockwise scaled_mm works (probed once)
+
+    def __post_init__(self):
+        if self.name not in ("plain", "fp8"):
+            raise ValueError(f"precision {self.name!r}: must be 'plain' or 'fp8'")
+
+    @property
+    def fp8(self) -> bool:
+        return self.name == "fp8"
+
+    def native(self, device: torch.device) -> bool:
+        if device not in self._native:
+            self._native[device] = blockwise_scaled_mm_ok(device)
+            if device.type == "cuda" and not self._native[device]:
+                warnings.warn(f"blockwise FP8 torch._scaled_mm is not available on {device}: FP8 runs emulated "
+                              "(dequantize + fp32 matmul), slower than bf16", stacklevel=3)
+        return self._native[device]
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (..., K) W^T (+ b); b is added in high precision."""
+        if not self.fp8:
+            return F.linear(x, weight, bias)
+        if self.quantize:
+            with torch.no_grad():
+                wq, ws = quantize_blocks(weight, self.pow2)
+        else:
+            wq, ws = weight, None
+        y = FP8Linear.apply(x, weight, wq, ws, self)
+        return y if bias is None else y + bias
+
+    def frozen_linear(self, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """x (..., K) W^T (+ b) for a frozen base held as fp8 blocks wq (N, K) + scales ws: under "fp8" the
+        activations are tiled too (FP8Linear, no wgrad); under "plain" only the weight is FP8."""
+        if self.fp8 and self.quantize:
+            y = FP8Linear.apply(x, None, wq, ws, self)
+        else:
+            y = FrozenFP8Weight.apply(x, wq, ws)
+        return y if bias is None else y + bias
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, mm) -> torch.Tensor:
+        """The experts' grouped GEMM `mm(x, w, offs)` under this recipe."""
+        return FP8GroupedMM.apply(x, w, offs, mm, self) if self.fp8 and self.quantize else mm(x, w, offs)
+
+
+PLAIN = Precision("plain")

@@ -1,0 +1,161 @@
+"""Fine-grained FP8 quantizers and the FP8 linear / grouped GEMM (CPU emulation; the CUDA kernel is `gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.fp8 import (
+    FP8,
+    FP8_MAX,
+    FP8GroupedMM,
+    FP8Linear,
+    Precision,
+    blockwise_scaled_mm_ok,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+)
+from nanoseek.model.moe import grouped_mm
+
+# E4M3: 3 mantissa bits -> round-to-nearest relative error <= 2^-4 for normals; below the smallest normal
+# (2^-6, in scaled units) the grid step is 2^-9, so the absolute error is <= 2^-10 * scale.
+REL, SUB = 2.0 ** -4, 2.0 ** -10
+
+
+def bound(x: torch.Tensor, scale_per_elem: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(REL * x.abs(), SUB * scale_per_elem) * (1 + 1e-6) + 1e-30
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("K", [128, 300, 5])
+def test_tiles_round_trip_within_e4m3_bound(K, pow2):
+    x = torch.randn(7, 3, K) * torch.logspace(-3, 3, K)  # mixed magnitudes inside tiles
+    q, s = quantize_tiles(x, pow2)
+    assert q.dtype == FP8 and q.shape == x.shape and s.shape == (7, 3, -(-K // 128)) and s.dtype == torch.float32
+    per_elem = s.repeat_interleave(128, -1)[..., :K]
+    err = (dequantize_tiles(q, s) - x).abs()
+    assert (err <= bound(x, per_elem)).all()
+    amax = torch.nn.functional.pad(x.abs(), (0, -K % 128)).view(7, 3, -1, 128).amax(-1)
+    if pow2:
+        assert torch.equal(torch.exp2(torch.log2(s).round()), s) and (amax / s <= FP8_MAX).all()
+    else:
+        torch.testing.assert_close(s, amax / FP8_MAX)  # scale = amax / 448
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (3, 129, 257)])
+def test_blocks_round_trip_within_e4m3_bound(shape):
+    w = torch.randn(shape) * 0.02
+    q, s = quantize_blocks(w)
+    N, K = shape[-2:]
+    assert q.shape == w.shape and s.shape == (*shape[:-2], -(-N // 128), -(-K // 128))
+    per_elem = s.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :N, :K]
+    assert ((dequantize_blocks(q, s) - w).abs() <= bound(w, per_elem)).all()
+    blk = w[..., :128, :128].abs().amax(dim=(-2, -1))
+    torch.testing.assert_close(s[..., 0, 0], blk / FP8_MAX)
+
+
+def test_values_on_the_grid_are_exact():
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[grid.isfinite()]  # every finite E4M3 value, amax = 448 -> scale 1
+    x = grid[torch.randperm(grid.numel())][:128].clone()
+    x[0] = 448.0
+    q, s = quantize_tiles(x * 2.0 ** -5, pow2=True)  # a power-of-two scale keeps the grid exact
+    assert torch.equal(dequantize_tiles(q, s), x * 2.0 ** -5)
+    q, s = quantize_tiles(x)
+    assert torch.equal(s, torch.ones(1)) and torch.equal(dequantize_tiles(q, s), x)
+    w = x.repeat(128, 1)
+    qb, sb = quantize_blocks(w)
+    assert torch.equal(dequantize_blocks(qb, sb), w)
+
+
+def test_zero_and_outlier_tiles():
+    x = torch.zeros(2, 256)
+    x[1, :128] = torch.randn(128) * 1e-3
+    x[1, 5] = 1e4  # one outlier: only its own tile loses resolution
+    x[1, 128:] = torch.randn(128) * 1e-3
+    q, s = quantize_tiles(x)
+    assert torch.equal(s[0], torch.ones(2)) and torch.equal(dequantize_tiles(q, s)[0], x[0])  # zeros: exact
+    assert s[1, 0] == pytest.approx(1e4 / FP8_MAX) and dequantize_tiles(q, s)[1, 5] == 1e4
+    other = dequantize_tiles(q, s)[1, 128:]
+    assert ((other - x[1, 128:]).abs() <= REL * x[1, 128:].abs() + SUB * s[1, 1]).all()  # unaffected tile
+    assert torch.isfinite(dequantize_tiles(*quantize_tiles(torch.full((4, 128), 1e30)))).all()
+
+
+def test_fp8_linear_forward_and_grads_vs_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 320, requires_grad=True)
+    w = (torch.randn(200, 320) * 0.05).requires_grad_()
+    r = Precision("fp8")
+    y = r.linear(x, w, None)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    y0 = x @ w.t()
+    dx0, dw0 = torch.autograd.grad(y0, (x, w), g)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    # Each operand carries <= 2^-4 relative error per element (rms ~ 2^-4/sqrt(3) ~ 0.036 for uniform
+    # rounding in [-1/2, 1/2] ulp), independent across the K terms: the product's relative Frobenius error is
+    # about sqrt(2) * 0.036 / sqrt(...) < 0.05; wgrad re-quantizes x (double rounding), hence 0.06.
+    assert rel(y, y0) < 0.05 and rel(dx, dx0) < 0.05 and rel(dw, dw0) < 0.06
+    assert rel(y, y0) > 1e-4  # really quantized
+
+
+def test_saved_activation_is_fp8():
+    x = torch.randn(16, 256, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        Precision("fp8").linear(x, w, None)
+    assert any(t.dtype == FP8 and t.shape == x.shape for t in saved)
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+
+
+def test_gradcheck_quantization_off():
+    torch.manual_seed(0)
+    r = Precision("fp8", quantize=False)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: FP8Linear.apply(a, b, b, None, r), (x, w))
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: r.linear(a, c, d), (x, w, b))
+
+
+def test_grouped_fp8_vs_fp32_and_bias_free_grads():
+    torch.manual_seed(0)
+    E, K, N = 4, 160, 96
+    offs = torch.tensor([10, 10, 37, 50], dtype=torch.int32)  # an empty group too
+    x = torch.randn(50, K, requires_grad=True)
+    w = (torch.randn(E, K, N) * 0.05).requires_grad_()
+    y = FP8GroupedMM.apply(x, w, offs, grouped_mm, Precision("fp8"))
+    y0 = grouped_mm(x, w, offs)
+    g = torch.randn_like(y0)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    dx0, dw0 = torch.autograd.grad(y0, (x, w), g)
+    for a, b in ((y, y0), (dx, dx0), (dw, dw0)):
+        assert 1e-4 < ((a - b).norm() / b.norm()).item() < 0.05
+    assert dw[1].abs().max() == 0  # the empty expert gets no gradient
+
+
+def test_precision_rejects_unknown_name():
+    with pytest.raises(ValueError, match="'fp4'"):
+        Precision("fp4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_native_blockwise_matches_emulation():
+    dev = torch.device("cuda")
+    if not blockwise_scaled_mm_ok(dev):
+        pytest.skip("no blockwise torch._scaled_mm on this device")
+    x = torch.randn(256, 512, device=dev)
+    w = torch.randn(384, 512, device=dev) * 0.05
+    r = Precision("fp8")
+    y = r.linear(x, w, None)
+    xq, xs = quantize_tiles(x)
+    wq, ws = quantize_blocks(w)
+    ref = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding only
