@@ -63,5 +63,6 @@ def _check(rank: int) -> None:
 
 
 def test_dispatch_combine_matches_one_process(tmp_path):
-    # fork: the children reuse this process's imports (spawn would re-import torch: ~15 s more on 2 cores)
-    mp.start_processes(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method="fork")
+    # spawn, not fork: a child forked after the parent ran OpenMP-parallel ops hangs in its first parallel op
+    # (seen in the full suite without OMP_NUM_THREADS=1); spawn re-imports torch (~10 s more on 2 cores)
+    mp.start_processes(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method="spawn")
