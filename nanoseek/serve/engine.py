@@ -106,7 +106,6 @@ class Engine:
         self.prompt_tokens = self.generated_tokens = 0
         self._loads = 0
         self._adapters: dict[str, str] = {n: n for n in model.adapters}  # public name -> internal name
-        self._keys: dict[str, str] = {n: f"{n}\0{0}" for n in model.adapters}  # internal name -> cache key
         self._retired: set[str] = set()
         self._placed: dict[str, torch.device] = {}  # internal adapter name -> where its weights are
         model.lora_context.stack_cache = {}  # per-row LoRA stacks kept across steps (cleared on any change)
@@ -149,7 +148,6 @@ class Engine:
         if name in self._adapters:
             self._retire(self._adapters[name])
         self._adapters[name] = internal
-        self._keys[internal] = f"{internal}\0{self._loads}"
         self.model.lora_context.stack_cache.clear()
 
     def unload_adapter(self, name: str) -> None:
@@ -168,7 +166,6 @@ class Engine:
             self._retired.discard(internal)
             self.scheduler.slots.drop(internal)
             self.model.delete_adapter(internal)
-            self._keys.pop(internal, None)
             self._placed.pop(internal, None)
             self.model.lora_context.stack_cache.clear()
 
@@ -194,7 +191,7 @@ class Engine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV pool "
                              f"of {pool_tokens} tokens")
         internal = None if adapter is None else self._adapters[adapter]
-        seq = Sequence(request_id, ids, params, internal, "" if internal is None else self._keys[internal],
+        seq = Sequence(request_id, ids, params, internal,
                        Detokenizer(self.tokenizer, params.stop), make_generator(params.seed))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -33,8 +33,7 @@ class Sequence:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    adapter: str | None  # internal adapter name (name__v<n>), None = the base
-    adapter_key: str  # prefix-cache key part: unique per adapter load
+    adapter: str | None  # internal adapter name (name__v<n>: unique per load), None = the base
     detok: Detokenizer
     gen: torch.Generator
     output: list[int] = field(default_factory=list)
@@ -44,6 +43,11 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False
     counts: torch.Tensor | None = None  # (V,) generated-token counts, for penalties
+
+    @property
+    def adapter_key(self) -> str:
+        """Prefix-cache key part: the internal name, new on every load, so a reload never meets old blocks."""
+        return self.adapter or ""
 
     @property
     def tokens(self) -> list[int]:
