@@ -56,10 +56,10 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
 
     if cfg.model_type == "gpt2":
         heads, d_qk, d_v = cfg.num_attention_heads, cfg.head_dim, cfg.head_dim
-        kv = mha = 2 * heads * cfg.head_dim * cfg.num_hidden_layers * BF16_BYTES
+        kv = mha = cfg.kv_cache_values_per_layer * cfg.num_hidden_layers * BF16_BYTES
     else:
         heads, d_qk, d_v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
-        kv = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * BF16_BYTES
+        kv = cfg.kv_cache_values_per_layer * cfg.num_hidden_layers * BF16_BYTES
         mha = heads * (d_qk + d_v) * cfg.num_hidden_layers * BF16_BYTES
     attn_per_layer = 3 * 2 * heads * seq * (d_qk + d_v)
     active_main = main - inactive_main

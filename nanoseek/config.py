@@ -213,6 +213,13 @@ class ModelConfig:
         """GPT-2 head size."""
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def kv_cache_values_per_layer(self) -> int:
+        """Values a decode cache keeps per token and layer: MLA's [c_kv ; k_pe], or GPT-2's per-head K and V."""
+        if self.model_type == "deepseek_v3":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_attention_heads * self.head_dim
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """MTP layers are numbered after the main ones (layer_idx >= num_hidden_layers), as on disk."""
         return self.model_type == "deepseek_v3" and layer_idx >= self.first_k_dense_replace

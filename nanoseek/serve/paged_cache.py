@@ -34,9 +34,7 @@ class KVPool:
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype=torch.float32) -> int:
-        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.model_type == "deepseek_v3" else \
-            2 * cfg.num_attention_heads * cfg.head_dim
-        return cfg.num_hidden_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+        return cfg.num_hidden_layers * cfg.kv_cache_values_per_layer * torch.empty((), dtype=dtype).element_size()
 
 
 class PagedCache:
