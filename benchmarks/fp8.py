@@ -50,13 +50,32 @@ def data(seq_len: int, batch: int, seed: int):
     return PackedLoader(train, seq_len, batch, seed=seed), val
 
 
+ARMS = ("fp32", "fp8", "fp32-perturbed", "bf16")
+
+
 def pair(width: int, seed: int, device) -> tuple[Model, Model]:
     """(plain, fp8) models with identical weights."""
+    models = arm_models(width, seed, device, ("fp32", "fp8"))
+    return models["fp32"], models["fp8"]
+
+
+def arm_models(width: int, seed: int, device, arms) -> dict[str, Model]:
+    """One model per arm from the same init. "fp32-perturbed": every weight rounded once to bf16 at init, the
+    noise floor (how far two fp32 trajectories drift apart from a perturbation far smaller than FP8's);
+    "bf16": bf16 autocast, the baseline the V3 report measures FP8 against."""
     torch.manual_seed(seed)
-    plain = Model(ModelConfig.from_preset("dsv3-tiny").with_width(width), device=device)
-    fp8 = copy.deepcopy(plain)
-    fp8.set_precision("fp8")
-    return plain, fp8
+    ref = Model(ModelConfig.from_preset("dsv3-tiny").with_width(width), device=device)
+    out = {}
+    for arm in arms:
+        m = copy.deepcopy(ref)
+        if arm == "fp8":
+            m.set_precision("fp8")
+        elif arm == "fp32-perturbed":
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(p.bfloat16().float())
+        out[arm] = m
+    return out
 
 
 def val_loss(model: Model, val, seq_len: int, batch: int, n: int) -> float:
@@ -69,20 +88,22 @@ def val_loss(model: Model, val, seq_len: int, batch: int, n: int) -> float:
 
 
 def loss_run(width: int, args, device) -> dict:
-    """Train plain and fp8 side by side (interleaved steps, same batches); losses and seconds per step."""
+    """Train every arm side by side (interleaved steps, same batches); losses and seconds per step."""
     loader, val = data(args.seq_len, args.batch, args.seed)
-    models = dict(zip(("fp32", "fp8"), pair(width, args.seed, device)))
+    models = arm_models(width, args.seed, device, args.arms)
     opts = {k: configure_optimizer(m, args.lr, 0.1) for k, m in models.items()}
     hist = {k: [] for k in models}
     secs = dict.fromkeys(models, 0.0)
+    order = list(models)
     for step in range(args.steps):
         x, y = loader.next_batch()
         lr = lr_at(step, args.lr, args.steps, warmup_steps=args.steps // 10)
-        for k in (("fp32", "fp8") if step % 2 == 0 else ("fp8", "fp32")):  # alternate who runs first
+        for k in order[step % len(order):] + order[:step % len(order)]:  # rotate who runs first
             m, opt = models[k], opts[k]
             set_lr(opt, lr)
             t0 = time.perf_counter()
-            out = m(x, targets=y, return_output=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=k == "bf16"):
+                out = m(x, targets=y, return_output=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
@@ -91,17 +112,22 @@ def loss_run(width: int, args, device) -> dict:
             secs[k] += time.perf_counter() - t0
             hist[k].append(out.main_loss.item())
         if step % max(1, args.steps // 6) == 0 or step == args.steps - 1:
-            print(f"  width {width} step {step:4d}  fp32 {hist['fp32'][-1]:.4f}  fp8 {hist['fp8'][-1]:.4f}",
+            print(f"  width {width} step {step:4d}  " + "  ".join(f"{k} {h[-1]:.4f}" for k, h in hist.items()),
                   flush=True)
     tail = min(50, args.steps)
     train = {k: sum(h[-tail:]) / tail for k, h in hist.items()}
     vals = {k: val_loss(m, val, args.seq_len, args.batch, args.eval_batches) for k, m in models.items()}
-    return {"width": width, "params": sum(p.numel() for p in models["fp32"].parameters()),
-            "train_loss_fp32": train["fp32"], "train_loss_fp8": train["fp8"],
-            "train_rel_err": abs(train["fp8"] - train["fp32"]) / train["fp32"],
-            "val_loss_fp32": vals["fp32"], "val_loss_fp8": vals["fp8"],
-            "val_rel_err": abs(vals["fp8"] - vals["fp32"]) / vals["fp32"],
-            "s_per_step_fp32": secs["fp32"] / args.steps, "s_per_step_fp8": secs["fp8"] / args.steps}
+    row = {"width": width, "params": sum(p.numel() for p in models["fp32"].parameters())}
+    for k in models:
+        row[f"train_loss_{k}"], row[f"val_loss_{k}"] = train[k], vals[k]
+        row[f"s_per_step_{k}"] = secs[k] / args.steps
+        if k != "fp32":
+            row[f"train_rel_err_{k}"] = abs(train[k] - train["fp32"]) / train["fp32"]
+            row[f"val_rel_err_{k}"] = abs(vals[k] - vals["fp32"]) / vals["fp32"]
+    if "bf16" in models and "fp8" in models:  # the V3 report's comparison: FP8 against BF16
+        row["val_rel_err_fp8_vs_bf16"] = abs(vals["fp8"] - vals["bf16"]) / vals["bf16"]
+    row["train_rel_err"], row["val_rel_err"] = row.get("train_rel_err_fp8"), row.get("val_rel_err_fp8")
+    return row
 
 
 def saved_bytes(model: Model, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -207,6 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine with 10%% warmup")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches at the end (default 8)")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p.add_argument("--arms", default="fp32,fp8,fp32-perturbed,bf16",
+                   help="comma-separated runs trained side by side; fp32 is the reference and always runs: "
+                        f"{', '.join(ARMS)} (default all)")
     p.add_argument("--gemm-reps", type=int, default=20, help="GPU: timed repetitions per GEMM size")
     p.add_argument("--gpu-steps", type=int, default=5, help="GPU: timed end-to-end steps")
     args = p.parse_args(argv)
@@ -214,21 +243,29 @@ def main(argv=None) -> int:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
         p.error(f"--widths {args.widths!r}: need comma-separated integers")
+    args.arms = ["fp32"] + [a for a in args.arms.split(",") if a and a != "fp32"]
+    bad = [a for a in args.arms if a not in ARMS]
+    if bad:
+        p.error(f"--arms: unknown run(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
     torch.set_flush_denormal(True)  # as the trainer does on CPU (small-init denormals are ~30x slower)
     cpu = torch.device("cpu")
-    print(f"CPU emulated FP8 vs fp32: {args.steps} steps of {args.batch} x {args.seq_len} tokens, "
+    print(f"CPU emulated FP8 vs fp32 ({', '.join(args.arms)}): {args.steps} steps of {args.batch} x "
+          f"{args.seq_len} tokens, "
           f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
     losses = [loss_run(w, args, cpu) for w in widths]
-    print("\n| width | params | train loss fp32 | fp8 | rel err | val loss fp32 | fp8 | rel err | V3 bound | "
-          "s/step fp32 | fp8 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| width | run | train loss | rel err vs fp32 | val loss | rel err vs fp32 | s/step |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in losses:
-        print(f"| {r['width']} | {r['params']:,} | {r['train_loss_fp32']:.4f} | {r['train_loss_fp8']:.4f} | "
-              f"{100 * r['train_rel_err']:.3f}% | {r['val_loss_fp32']:.4f} | {r['val_loss_fp8']:.4f} | "
-              f"{100 * r['val_rel_err']:.3f}% | < {100 * V3_BOUND:.2f}% | {r['s_per_step_fp32']:.3f} | "
-              f"{r['s_per_step_fp8']:.3f} |")
+        for k in args.arms:
+            err = ("" if k == "fp32" else f"{100 * r[f'train_rel_err_{k}']:.2f}%",
+                   "" if k == "fp32" else f"{100 * r[f'val_rel_err_{k}']:.2f}%")
+            print(f"| {r['width']} | {k} | {r[f'train_loss_{k}']:.4f} | {err[0]} | {r[f'val_loss_{k}']:.4f} | "
+                  f"{err[1]} | {r[f's_per_step_{k}']:.3f} |")
+        if "val_rel_err_fp8_vs_bf16" in r:
+            print(f"|  | fp8 vs bf16 (V3's comparison, bound < {100 * V3_BOUND:.2f}%) | | | | "
+                  f"{100 * r['val_rel_err_fp8_vs_bf16']:.2f}% | |")
     mem = [memory(w, args, cpu) for w in widths]
     print("\n| width | saved activations fp32 | fp8 | ratio | projection weights bf16 | FP8 blocks+scales | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
