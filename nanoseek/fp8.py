@@ -20,7 +20,8 @@ in fp32, so every numerical claim is testable without a GPU; on CUDA that fallba
 blockwise scaled_mm (SM90, probed once per device and cached on the recipe): the forward GEMM runs
 `torch._scaled_mm` with (M, K/128) and (K/128, N/128) outer-dim-major scales (untested here: no GPU was lent);
 dgrad, wgrad and the experts' grouped GEMM are still emulated (`torch._scaled_grouped_mm` is not wired yet).
-The FP8Linear also saves W's fp8 blocks (1 byte per weight) so the backward need not re-quantize.
+The backward re-quantizes W from the parameter (bit-identical blocks) instead of saving an fp8 copy of it:
+a training step then holds no per-layer weight copy (a frozen FP8 base saves its blocks, which are the weight).
 
 Scales: exact fp32 amax/448 by default (uses all of E4M3's range: per-element relative error <= 2^-4, the
 half-ulp of a 3-bit mantissa); `pow2=True` rounds each scale up to a power of two (dequantizing is then an
@@ -143,12 +144,20 @@ class FP8Linear(torch.autograd.Function):
             y = _mm(x2, wq.t())
         ctx.recipe, ctx.shape, ctx.dtype = recipe, shape, x.dtype
         ctx.wdtype = weight.dtype if weight is not None else wq.dtype
-        ctx.save_for_backward(xq, xs, wq, ws)  # fp8 activation + scales: the memory FP8 saves
+        ctx.requantize = weight is not None and recipe.quantize
+        if ctx.requantize:  # fp8 activation + scales (the memory FP8 saves); W itself, re-quantized in backward
+            ctx.save_for_backward(xq, xs, weight)
+        else:  # frozen FP8 base (the blocks are the weight) or the identity-quantizer check
+            ctx.save_for_backward(xq, xs, wq, ws)
         return y.to(x.dtype).view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, g):
-        xq, xs, wq, ws = ctx.saved_tensors
+        if ctx.requantize:
+            xq, xs, weight = ctx.saved_tensors
+            wq, ws = quantize_blocks(weight.detach(), ctx.recipe.pow2)  # the forward's blocks, bit for bit
+        else:
+            xq, xs, wq, ws = ctx.saved_tensors
         r = ctx.recipe
         g2 = g.reshape(-1, g.shape[-1])  # (M, N)
         dx = dw = None
@@ -198,13 +207,14 @@ class FP8GroupedMM(torch.autograd.Function):
         xq, xs = quantize_tiles(x, recipe.pow2)
         wq, ws = quantize_blocks(w, recipe.pow2)  # blocks of (K, N) = the transposes of (N, K)'s blocks
         ctx.mm, ctx.recipe, ctx.dtypes = mm, recipe, (x.dtype, w.dtype)
-        ctx.save_for_backward(xq, xs, wq, ws, offs)
+        ctx.save_for_backward(xq, xs, w, offs)  # w: a view of the parameter (no copy), re-quantized in backward
         with torch.autocast(x.device.type, enabled=False):
             return mm(dequantize_tiles(xq, xs), dequantize_blocks(wq, ws), offs).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        xq, xs, wq, ws, offs = ctx.saved_tensors
+        xq, xs, w, offs = ctx.saved_tensors
+        wq, ws = quantize_blocks(w.detach(), ctx.recipe.pow2)
         gq, gs = quantize_tiles(g, ctx.recipe.pow2)
         with torch.enable_grad(), torch.autocast(g.device.type, enabled=False):
             xd = dequantize_tiles(xq, xs).requires_grad_(ctx.needs_input_grad[0])

@@ -112,6 +112,9 @@ def test_saved_activation_is_fp8():
         Precision("fp8").linear(x, w, None)
     assert any(t.dtype == FP8 and t.shape == x.shape for t in saved)
     assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    # no fp8 copy of W is kept: the backward re-quantizes the parameter (itself saved, not copied)
+    assert not any(t.dtype == FP8 and t.shape == w.shape for t in saved)
+    assert any(t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() for t in saved)
 
 
 def test_gradcheck_quantization_off():
