@@ -130,21 +130,22 @@ def loss_run(width: int, args, device) -> dict:
     return row
 
 
-def saved_bytes(model: Model, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of distinct storages the autograd graph holds after one training forward (parameters excluded)."""
+def saved_bytes(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """Bytes of distinct storages the autograd graph holds after one training forward (parameters excluded),
+    and the part of them that is fp8 (the projections' quantized inputs)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, bool]] = {}
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
+            seen[s.data_ptr()] = (s.nbytes(), t.dtype == torch.float8_e4m3fn)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(x, targets=y)
     del loss
-    return sum(seen.values())
+    return sum(n for n, _ in seen.values()), sum(n for n, fp8 in seen.values() if fp8)
 
 
 def projection_weights(model: Model) -> list[torch.Tensor]:
@@ -162,13 +163,15 @@ def memory(width: int, args, device) -> dict:
     plain, fp8 = pair(width, args.seed, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, plain.config.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
-    act = {k: saved_bytes(m, x[:, :-1], x[:, 1:]) for k, m in (("fp32", plain), ("fp8", fp8))}
+    act = {k: saved_bytes(m, x[:, :-1], x[:, 1:])[0] for k, m in (("fp32", plain), ("fp8", fp8))}
+    fp8_inputs = saved_bytes(fp8, x[:, :-1], x[:, 1:])[1]  # the projections' inputs, 1 byte per element
     ws = projection_weights(plain)
     bf16 = sum(w.numel() * 2 for w in ws)
     blocks = [quantize_blocks(w.detach()) for w in ws]
     fp8_bytes = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in blocks)
     return {"width": width, "saved_act_bytes_fp32": act["fp32"], "saved_act_bytes_fp8": act["fp8"],
-            "saved_act_ratio": act["fp8"] / act["fp32"], "base_bytes_bf16": bf16, "base_bytes_fp8": fp8_bytes,
+            "saved_act_ratio": act["fp8"] / act["fp32"], "saved_fp8_input_bytes": fp8_inputs,
+            "base_bytes_bf16": bf16, "base_bytes_fp8": fp8_bytes,
             "base_ratio": fp8_bytes / bf16}
 
 
@@ -233,6 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine with 10%% warmup")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches at the end (default 8)")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p.add_argument("--memory-widths", default=None,
+                   help="hidden sizes for the memory table (one forward each; default: --widths)")
     p.add_argument("--arms", default="fp32,fp8,fp32-perturbed,bf16",
                    help="comma-separated runs trained side by side; fp32 is the reference and always runs: "
                         f"{', '.join(ARMS)} (default all)")
@@ -243,6 +248,10 @@ def main(argv=None) -> int:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
         p.error(f"--widths {args.widths!r}: need comma-separated integers")
+    try:
+        mem_widths = [int(w) for w in args.memory_widths.split(",")] if args.memory_widths else widths
+    except ValueError:
+        p.error(f"--memory-widths {args.memory_widths!r}: need comma-separated integers")
     args.arms = ["fp32"] + [a for a in args.arms.split(",") if a and a != "fp32"]
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
@@ -266,12 +275,14 @@ def main(argv=None) -> int:
         if "val_rel_err_fp8_vs_bf16" in r:
             print(f"|  | fp8 vs bf16 (V3's comparison, bound < {100 * V3_BOUND:.2f}%) | | | | "
                   f"{100 * r['val_rel_err_fp8_vs_bf16']:.2f}% | |")
-    mem = [memory(w, args, cpu) for w in widths]
-    print("\n| width | saved activations fp32 | fp8 | ratio | projection weights bf16 | FP8 blocks+scales | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    mem = [memory(w, args, cpu) for w in mem_widths]
+    print("\n| width | saved activations fp32 | fp8 | ratio | of which fp8 inputs (fp32 would be 4x) | "
+          "projection weights bf16 | FP8 blocks+scales | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in mem:
         print(f"| {r['width']} | {r['saved_act_bytes_fp32'] / 2**20:.2f} MiB | "
               f"{r['saved_act_bytes_fp8'] / 2**20:.2f} MiB | {r['saved_act_ratio']:.3f} | "
+              f"{r['saved_fp8_input_bytes'] / 2**20:.2f} MiB | "
               f"{r['base_bytes_bf16'] / 2**20:.3f} MiB | "
               f"{r['base_bytes_fp8'] / 2**20:.3f} MiB | {r['base_ratio']:.3f} |")
     gpu = gpu_section(args)
