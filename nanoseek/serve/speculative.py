@@ -64,9 +64,10 @@ class Window:
         return self.start + (0 if self.h is None else self.h.shape[0])
 
     def put(self, pos: int, h: torch.Tensor) -> None:
-        """h (c, H) of positions [pos, pos + c) (overwriting any from pos on); pos within [start, end]."""
+        """h (c, H) of positions [pos, pos + c) (overwriting any from pos on); pos within [start, end]. A copy
+        is kept, not a view of the batch's hidden states (that would keep the whole batch tensor alive)."""
         assert self.start <= pos <= self.end, (self.start, pos, self.end)
-        self.h = h if self.h is None or pos == self.start else torch.cat([self.h[: pos - self.start], h])
+        self.h = h.clone() if self.h is None or pos == self.start else torch.cat([self.h[: pos - self.start], h])
 
     def get(self, a: int, b: int) -> torch.Tensor:
         assert self.start <= a <= b <= self.end, (self.start, a, b, self.end)
