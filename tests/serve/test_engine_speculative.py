@@ -208,3 +208,14 @@ def test_sampling_matches_the_exact_sequence_distribution():
     assert chi2 < {7: 24.3, 8: 26.1}.get(dof, 3 * dof + 20), (chi2, dof)
     s = eng.stats()
     assert 0.1 < s["spec_accepted_tokens"][0] / s["spec_draft_tokens"][0] < 0.9, s  # both branches exercised
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_speculative_equals_plain_on_cuda(tmp_path):
+    """The mixed-adapter greedy identity with both engines on a CUDA device. Waits for a GPU."""
+    cfg = ds(max_position_embeddings=CTX)
+    dirs = adapter_dirs(cfg, tmp_path, SPECS)
+    reqs = requests((3, 50, 70), (30, 30, 25), (None, "a", "b"))
+    plain = run(engine(cfg, dirs, device="cuda"), {0: reqs})
+    assert_same(plain, run(engine(cfg, dirs, device="cuda", speculative=True, num_speculative_tokens=2), {0: reqs}))

@@ -13,6 +13,7 @@ import torch
 
 from nanoseek.cli import main
 from nanoseek.data import train_tokenizer
+from nanoseek.serve import LLM, SamplingParams
 from nanoseek.serve.async_engine import AsyncEngine
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.server import ServerSettings, ServerThread, create_app
@@ -55,6 +56,15 @@ def test_completion_equals_plain_greedy_and_metrics_count_acceptance(env):
     rows = value("nanoseek_spec_verifications_total")
     assert rows == drafted[0]  # every verifying row drafted position 1
     assert value("nanoseek_spec_mean_accepted_length") == pytest.approx(1 + sum(accepted) / rows)
+
+
+def test_offline_llm_takes_the_speculative_options(env):
+    llm = LLM(str(env["dir"] / "base"), speculative=True, num_speculative_tokens=3, kv_cache_tokens=512,
+              block_size=16)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    ids = env["tok"].encode(PROMPT)
+    assert out.token_ids == env["model"].generate(torch.tensor([ids]), 12)[0, len(ids):].tolist()
+    assert llm.engine.stats()["spec_num_tokens"] == 3 and llm.engine.stats()["spec_verify_rows"] > 0
 
 
 def test_serve_help_lists_the_speculative_flags(capsys):
