@@ -6,6 +6,9 @@ What. `Engine(model, tokenizer, config, adapters)`: `add_request` / `abort_reque
     (paged_cache.py) and per-row adapter indices -> per-request sampling (sampling.py) -> detokenization and
     stop checks (detokenizer.py) -> RequestOutputs.
 The model only ever sees a cache object and an adapter index per row; it never sees the scheduler.
+Speculative (`EngineConfig(speculative=True)`): before that forward the MTP modules draft k tokens per decode
+row, the forward verifies them, each row accepts its own prefix, and the rejected tail's blocks are freed
+(`_speculative_step`; the design is in speculative.py). A request's tokens are what plain decoding gives.
 Adapters. Each load gets an internal name `name__v<load number>` (a new version on every load, so a reloaded adapter
 never shares prefix-cache blocks with its predecessor); requests already admitted keep the version they
 started with, and a replaced or unloaded version is deleted from the model once no request uses it. A forward
