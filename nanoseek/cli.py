@@ -186,6 +186,13 @@ def _add_serve_command(sub) -> None:
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter for adapters under DIR only")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for their first token above this are refused with 429 (default 256)")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding: the checkpoint's Multi-Token Prediction modules draft tokens and "
+                        "one forward verifies them; the output is unchanged (needs a DeepSeek-V3 checkpoint with "
+                        "MTP modules); acceptance is in /metrics")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="drafts per decode step with --speculative (default: the checkpoint's number of MTP "
+                        "modules; more reuses the last module)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight requests may run after SIGTERM before they are aborted (default 10)")
     p.set_defaults(func=_serve)

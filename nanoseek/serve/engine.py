@@ -6,6 +6,9 @@ What. `Engine(model, tokenizer, config, adapters)`: `add_request` / `abort_reque
     (paged_cache.py) and per-row adapter indices -> per-request sampling (sampling.py) -> detokenization and
     stop checks (detokenizer.py) -> RequestOutputs.
 The model only ever sees a cache object and an adapter index per row; it never sees the scheduler.
+Speculative (`EngineConfig(speculative=True)`): before that forward the MTP modules draft k tokens per decode
+row, the forward verifies them, each row accepts its own prefix, and the rejected tail's blocks are freed
+(`_speculative_step`; the design is in speculative.py). A request's tokens are what plain decoding gives.
 Adapters. Each load gets an internal name `name__v<load number>` (a new version on every load, so a reloaded adapter
 never shares prefix-cache blocks with its predecessor); requests already admitted keep the version they
 started with, and a replaced or unloaded version is deleted from the model once no request uses it. A forward
@@ -26,11 +29,14 @@ import torch
 from ..data import Tokenizer
 from ..lora import adapter_parameters
 from ..model import Model
+from ..model.decoding import check_speculative
+from ..model.transformer import ModelOutput
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
-from .paged_cache import KVPool, PagedCache
+from .paged_cache import KVPool, PagedCache, block_tables
 from .sampling import SamplingParams, make_generator, sample_token, top_logprobs
 from .scheduler import Scheduler, Sequence
+from .speculative import Drafter, SpecCounters, SpecState, adapter_index, verify
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 CPU_POOL_BYTES = 1 << 30  # default pool cap on CPU when kv_cache_tokens is not given
@@ -47,6 +53,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: torch.dtype | str | None = None
     device: torch.device | str | None = None
+    speculative: bool = False  # MTP speculative decoding (speculative.py); needs a model with MTP modules
+    num_speculative_tokens: int | None = None  # drafts per decode step (None: the model's MTP module count)
 
     def validate(self) -> None:
         for name in ("block_size", "max_batch_tokens", "max_num_seqs", "max_loras"):
@@ -60,6 +68,11 @@ class EngineConfig:
         f = self.kv_cache_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             raise ValueError(f"kv_cache_fraction: must be in (0, 1], got {f!r}")
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"speculative: must be true or false, got {self.speculative!r}")
+        k = self.num_speculative_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"num_speculative_tokens: must be None or an integer >= 1, got {k!r}")
 
 
 @dataclass
@@ -96,11 +109,18 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_id
         self.max_model_len = model.config.max_position_embeddings
+        try:
+            self.k = check_speculative(model.config, config.speculative, config.num_speculative_tokens)
+        except ValueError as e:
+            raise ValueError(f"speculative: {e}") from e
+        self.mtp_layers = len(model.mtp) if self.k else 0
         num_blocks = self._pool_tokens() // config.block_size
-        self.pool = KVPool(model.config, num_blocks, config.block_size, self.device, self.dtype)
+        self.pool = KVPool(model.config, num_blocks, config.block_size, self.device, self.dtype, self.mtp_layers)
+        self.drafter = Drafter(self.model, self.pool, self.k) if self.k else None
+        self.spec_counters = SpecCounters(self.k)
         self.block_manager = BlockManager(num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.block_size, config.max_batch_tokens,
-                                   config.max_num_seqs, config.max_loras)
+                                   config.max_num_seqs, config.max_loras, self._lookahead if self.k else None)
         self.seqs: dict[str, Sequence] = {}
         self.aborted: list[Sequence] = []
         self.prompt_tokens = self.generated_tokens = 0
@@ -122,7 +142,7 @@ class Engine:
         c = self.config
         if c.kv_cache_tokens is not None:
             return c.kv_cache_tokens
-        per_token = KVPool.bytes_per_token(self.model.config, self.dtype)
+        per_token = KVPool.bytes_per_token(self.model.config, self.dtype, self.mtp_layers)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(c.block_size, int(free * c.kv_cache_fraction) // per_token)
@@ -214,7 +234,8 @@ class Engine:
                     blocks_total=bm.num_blocks, blocks_used=bm.num_blocks - bm.num_free, blocks_free=bm.num_free,
                     prefix_hits=self.scheduler.prefix_hits, prefix_queries=self.scheduler.prefix_queries,
                     prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-                    preemptions=self.scheduler.preemptions, adapters_resident=len(self.scheduler.slots.resident))
+                    preemptions=self.scheduler.preemptions, adapters_resident=len(self.scheduler.slots.resident),
+                    **self.spec_counters.as_dict())
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -224,12 +245,56 @@ class Engine:
         batch = self.scheduler.schedule()
         self._place_adapters()
         if batch:
-            logits = self._forward(batch)  # (B, V): each row's last new token
-            for (seq, n), row in zip(batch, logits):
-                self.scheduler.advance(seq, n)
-                if seq.num_computed == seq.num_tokens:
-                    outputs.append(self._emit(seq, row))
+            outputs += self._speculative_step(batch) if self.k else self._plain_step(batch)
         self._collect_retired()
+        return outputs
+
+    def _plain_step(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        outputs = []
+        logits = self._forward(batch, self._adapter_rows(batch)).logits  # (B, T, V)
+        rows = torch.arange(len(batch), device=self.device)
+        last = logits[rows, torch.tensor([n - 1 for _, n in batch], device=self.device)].float()  # (B, V)
+        for (seq, n), row in zip(batch, last):
+            self.scheduler.advance(seq, n)
+            if seq.num_computed == seq.num_tokens:
+                outputs.append(self._emit(seq, row))
+        return outputs
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Drafts a decode row verifies this step: k, fewer near max_tokens, 0 until its MTP state is ready."""
+        if seq.spec is None or seq.spec.lens[0] >= seq.num_computed:
+            return 0
+        return min(self.k, seq.params.max_tokens - len(seq.output) - 1)
+
+    def _speculative_step(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """MTP drafts, one main forward over [t_n, d_1..d_k_b] per decode row (prefill chunks unchanged),
+        per-row acceptance, rollback of the rejected tail (speculative.py)."""
+        for seq, _ in batch:
+            if seq.spec is None:  # just admitted: positions below num_computed were a prefix-cache hit
+                seq.spec = SpecState(self.mtp_layers, seq.num_computed)
+        ks = [max(0, s.num_computed + n - s.num_tokens) for s, n in batch]  # drafts per row (0: prefill/plain)
+        rows = self._adapter_rows(batch)
+        drafts = self.drafter.draft([s for s, _ in batch], ks, rows, self.scheduler.slots.names())
+        out = self._forward(batch, rows, [d.tokens for d in drafts])
+        outputs = []
+        for b, (seq, n) in enumerate(batch):
+            nc, k = seq.num_computed, ks[b]
+            if nc + n < seq.num_tokens:  # a prefill chunk, the prompt not finished yet
+                seq.spec.hidden[0].put(nc, out.hidden[b, :n])
+                self.scheduler.advance(seq, n)
+                continue
+            target = out.logits[b, n - 1 - k: n].float()  # (k + 1, V): after t_{N-1}, d_1, .., d_k
+            tokens, accepted = verify(seq, drafts[b], target)
+            self.spec_counters.update(k, accepted)
+            result, m = self._push(seq, tokens, target)
+            kept = n - k + min(m, accepted)  # computed positions whose token is now in seq.tokens
+            seq.spec.hidden[0].put(nc, out.hidden[b, :kept])
+            self.scheduler.advance(seq, kept)
+            if result.finished:
+                self._finish(seq)
+            else:
+                self.scheduler.trim(seq)
+            outputs.append(result)
         return outputs
 
     def _place_adapters(self) -> None:
@@ -244,51 +309,69 @@ class Engine:
                     p.data = p.data.to(where)
                 self._placed[name] = where
 
-    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        B, T = len(batch), max(n for _, n in batch)
-        dev = self.device
-        ids = torch.zeros(B, T, dtype=torch.long)
-        max_blocks = max(len(s.blocks) for s, _ in batch)
-        tables = torch.zeros(B, max_blocks, dtype=torch.long)
-        for b, (s, n) in enumerate(batch):
-            ids[b, :n] = torch.tensor(s.tokens[s.num_computed: s.num_computed + n])
-            tables[b, : len(s.blocks)] = torch.tensor(s.blocks)
-        starts = torch.tensor([s.num_computed for s, _ in batch])
-        n_new = torch.tensor([n for _, n in batch])
-        cache = PagedCache(self.pool, tables.to(dev), starts.to(dev), n_new.to(dev))
+    def _adapter_rows(self, batch: list[tuple[Sequence, int]]) -> list[int]:
+        """Each row's index into the resident adapters (-1 = the base); drops LoRA stacks of other resident sets."""
         names = self.scheduler.slots.names()
         cache_of = self.model.lora_context.stack_cache
         if len(cache_of) > 1 or (cache_of and tuple(names) not in cache_of):
             cache_of.clear()  # keep the stacks of the current resident set only
-        rows = [-1 if s.adapter is None else names.index(s.adapter) for s, _ in batch]
-        adapter = None if all(r == -1 for r in rows) else torch.tensor(rows, device=dev)
-        logits = self.model(ids.to(dev), cache=cache, adapter=adapter, adapter_names=names)  # (B, T, V)
-        return logits[torch.arange(B, device=dev), (n_new - 1).to(dev)].float()  # (B, V)
+        return [-1 if s.adapter is None else names.index(s.adapter) for s, _ in batch]
+
+    def _forward(self, batch: list[tuple[Sequence, int]], rows: list[int],
+                 drafts: list[list[int]] | None = None) -> ModelOutput:
+        """One forward over each row's next n tokens (its verified tokens, then its drafts if given) -> logits
+        (B, T, V) and the pre-norm hidden states (B, T, H) (row b's first n valid)."""
+        B, T = len(batch), max(n for _, n in batch)
+        dev = self.device
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, (s, n) in enumerate(batch):
+            tokens = s.tokens + (drafts[b] if drafts else [])
+            ids[b, :n] = torch.tensor(tokens[s.num_computed: s.num_computed + n])
+        starts = torch.tensor([s.num_computed for s, _ in batch])
+        n_new = torch.tensor([n for _, n in batch])
+        tables = block_tables([s.blocks for s, _ in batch])
+        cache = PagedCache(self.pool, tables.to(dev), starts.to(dev), n_new.to(dev))
+        return self.model(ids.to(dev), cache=cache, adapter=adapter_index(rows, dev),
+                          adapter_names=self.scheduler.slots.names(), return_output=True)
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        """Sample seq's next token from logits (V,) and emit it."""
+        result, _ = self._push(seq, [sample_token(logits, seq.params, seq.counts, seq.gen)], logits[None])
+        if result.finished:
+            self._finish(seq)
+        return result
+
+    def _push(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> tuple[RequestOutput, int]:
+        """Append tokens (logits (len, V): the distribution each came from) one by one until one ends the
+        request (eos, a stop token or string, max_tokens); -> (the output, number of tokens appended)."""
         p = seq.params
-        token = sample_token(logits, p, seq.counts, seq.gen)
-        seq.output.append(token)
-        self.generated_tokens += 1
-        if p.presence_penalty or p.frequency_penalty:
-            if seq.counts is None:
-                seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
-            seq.counts[token] += 1
-        logprobs = None if p.logprobs is None else [top_logprobs(logits, token, p.logprobs)]
-        reason, text = None, ""
-        if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
-            reason = "stop"
-        else:
-            text = seq.detok.add([token])
-            if seq.detok.stopped:
+        new, text, reason = [], "", None
+        logprobs = None if p.logprobs is None else []
+        for token, row in zip(tokens, logits):
+            seq.output.append(token)
+            new.append(token)
+            self.generated_tokens += 1
+            if p.presence_penalty or p.frequency_penalty:
+                if seq.counts is None:
+                    seq.counts = torch.zeros(row.shape[-1], device=row.device)
+                seq.counts[token] += 1
+            if logprobs is not None:
+                logprobs.append(top_logprobs(row, token, p.logprobs))
+            if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
                 reason = "stop"
-        if reason is None and len(seq.output) >= p.max_tokens:
-            reason = "length"
-        if reason is None:
-            return self._output(seq, [token], text, logprobs, None)
+            else:
+                text += seq.detok.add([token])
+                if seq.detok.stopped:
+                    reason = "stop"
+            if reason is None and len(seq.output) >= p.max_tokens:
+                reason = "length"
+            if reason is not None:
+                return self._output(seq, new, text + seq.detok.finish(), logprobs, reason), len(new)
+        return self._output(seq, new, text, logprobs, None), len(new)
+
+    def _finish(self, seq: Sequence) -> None:
         self.seqs.pop(seq.request_id, None)
         self.scheduler.remove(seq)
-        return self._output(seq, [token], text + seq.detok.finish(), logprobs, reason)
 
     def _final(self, seq: Sequence, text: str, reason: str) -> RequestOutput:
         return self._output(seq, [], text, None if seq.params.logprobs is None else [], reason)

@@ -10,6 +10,10 @@ or clash) with
     nanoseek_cache_blocks_used, nanoseek_cache_blocks_free, nanoseek_prefix_cache_hit_rate
                                                         ... read from the engine's last published stats when
                                                         /metrics is scraped (a collector, no polling thread)
+    nanoseek_spec_draft_tokens_total{position}          speculative engines (--speculative): MTP drafts proposed
+    nanoseek_spec_accepted_tokens_total{position}       ... and accepted, by draft position 1..k
+    nanoseek_spec_verifications_total                   decode rows that verified drafts (one per row per step)
+    nanoseek_spec_mean_accepted_length                  tokens per verify row: 1 + accepted / verifications
 `throughput_line()` gives the "every few seconds" log line: token rates since the previous call.
 
 Rejected: the default global registry (a second app in the same process raises "Duplicated timeseries");
@@ -22,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -46,6 +50,25 @@ class _EngineCollector:
              s.get("prefix_hits", 0) / queries if queries else 0.0),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        yield from _speculative_metrics(s)
+
+
+def _speculative_metrics(s: dict):
+    """Acceptance counters of a speculative engine (no samples when speculation is off)."""
+    for name, doc, key in (("nanoseek_spec_draft_tokens", "MTP draft tokens proposed, by draft position",
+                            "spec_draft_tokens"),
+                           ("nanoseek_spec_accepted_tokens", "MTP draft tokens accepted, by draft position",
+                            "spec_accepted_tokens")):
+        family = CounterMetricFamily(name, doc, labels=["position"])
+        for j, value in enumerate(s.get(key, []), start=1):
+            family.add_metric([str(j)], value)
+        yield family
+    if s.get("spec_num_tokens"):
+        yield CounterMetricFamily("nanoseek_spec_verifications", "decode rows that verified drafts",
+                                  value=s.get("spec_verify_rows", 0))
+        yield GaugeMetricFamily("nanoseek_spec_mean_accepted_length",
+                                "tokens emitted per verifying row per step (1 + accepted drafts)",
+                                value=s.get("spec_mean_accepted_length", 0.0))
 
 
 class ServerMetrics:

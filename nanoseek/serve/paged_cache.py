@@ -2,6 +2,7 @@
 
 What. `KVPool` holds every block of every layer: MLA `latent` (L, num_blocks * block_size, kv_lora_rank +
 qk_rope_head_dim) = [c_kv ; k_pe] per token (nothing per head), GPT-2 `k`, `v` (L, num_blocks * block_size, H, D).
+With `mtp_layers=D` (speculative serving) the latent has L + D layers: MTP module k's attention is layer L + k.
 `PagedCache` is what one engine step hands to `Model.forward(cache=...)`: it has the interface of
 `nanoseek.model.attention.KVCache` (`begin(T)` -> positions (B, T), `mask` (B, 1, T, S), `update_latent`,
 `update_kv`, `end()`), built from per-row block tables, start positions and numbers of new tokens. Rows are
@@ -21,11 +22,20 @@ import torch
 from ..config import ModelConfig
 
 
+def block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Per-row block id lists -> (B, max_blocks) long, padded with block 0 (never read: masked)."""
+    out = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+    for b, t in enumerate(tables):
+        out[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return out
+
+
 class KVPool:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32,
+                 mtp_layers: int = 0):
         self.mla = cfg.model_type == "deepseek_v3"
         self.num_blocks, self.block_size = num_blocks, block_size
-        L, slots = cfg.num_hidden_layers, num_blocks * block_size
+        L, slots = cfg.num_hidden_layers + mtp_layers, num_blocks * block_size
         if self.mla:
             self.latent = torch.zeros(L, slots, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device, dtype=dtype)
         else:
@@ -33,8 +43,9 @@ class KVPool:
             self.v = torch.zeros_like(self.k)
 
     @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype=torch.float32) -> int:
-        return cfg.num_hidden_layers * cfg.kv_cache_values_per_layer * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(cfg: ModelConfig, dtype=torch.float32, mtp_layers: int = 0) -> int:
+        return ((cfg.num_hidden_layers + mtp_layers) * cfg.kv_cache_values_per_layer
+                * torch.empty((), dtype=dtype).element_size())
 
 
 class PagedCache:

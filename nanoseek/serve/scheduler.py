@@ -2,10 +2,11 @@
 
 What. Every step `schedule()` picks rows and how many new tokens each computes, under `max_batch_tokens` and
 `max_num_seqs`:
-  1. running requests first, in arrival order: a decode row computes 1 token, a partly prefilled one its next
-     chunk. A row that needs a block the pool cannot give preempts the most recently admitted running request
-     (its blocks freed, itself requeued at the front of the waiting queue keeping its generated tokens; it will
-     re-prefill prompt + generated tokens later, which recomputes the same cache).
+  1. running requests first, in arrival order: a decode row computes 1 token (speculative engines: 1 + the
+     `lookahead(seq)` drafts it verifies), a partly prefilled one its next chunk. A row that needs a block the
+     pool cannot give preempts the most recently admitted running request (its blocks freed, itself requeued
+     at the front of the waiting queue keeping its generated tokens; it will re-prefill prompt + generated
+     tokens later, which recomputes the same cache).
   2. then waiting requests in FIFO order, while budget, seats, pool blocks and adapter slots allow: the longest
      prefix of full blocks found in the prefix cache is reused, the rest is prefilled in chunks.
 A long prompt therefore never stalls running decodes: it only takes what budget the decodes leave.
@@ -19,6 +20,7 @@ caps concurrency far below what the pool holds.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +28,7 @@ import torch
 from .block_manager import BlockManager, block_hash
 from .detokenizer import Detokenizer
 from .sampling import SamplingParams
+from .speculative import SpecState
 
 
 @dataclass(eq=False)  # identity: a request is itself, not its field values
@@ -43,6 +46,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False
     counts: torch.Tensor | None = None  # (V,) generated-token counts, for penalties
+    spec: SpecState | None = None  # speculative engines: MTP state, from admission until release
 
     @property
     def adapter_key(self) -> str:
@@ -88,8 +92,9 @@ class AdapterSlots:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, block_size: int, max_batch_tokens: int, max_num_seqs: int,
-                 max_loras: int):
+                 max_loras: int, lookahead: Callable[[Sequence], int] | None = None):
         self.blocks, self.block_size = blocks, block_size
+        self.lookahead = lookahead  # speculative engines: drafts a decode row verifies this step
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.slots = AdapterSlots(max_loras)
         self.waiting: deque[Sequence] = deque()
@@ -111,7 +116,13 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free_all(seq.blocks)
-        seq.blocks, seq.keys, seq.num_computed = [], [], 0
+        seq.blocks, seq.keys, seq.num_computed, seq.spec = [], [], 0, None
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past seq's computed tokens (rejected drafts' slots); they hold no published token."""
+        keep = -(-seq.num_computed // self.block_size)
+        self.blocks.free_all(seq.blocks[keep:])
+        del seq.blocks[keep:]
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make seq's block table cover num_tokens tokens; False (nothing allocated) if the pool can't."""
@@ -148,6 +159,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if n == 1 and self.lookahead is not None:  # a decode row: its last token plus k_b drafts
+                n += min(self.lookahead(seq), budget - 1)
             if self._grow(seq, seq.num_computed + n):
                 batch.append((seq, n))
                 budget -= n

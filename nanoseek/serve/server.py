@@ -409,8 +409,13 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.grace < 0:
         raise ValueError(f"--grace must be >= 0, got {args.grace}")
+    if args.num_speculative_tokens is not None and not args.speculative:
+        raise ValueError(f"--num-speculative-tokens {args.num_speculative_tokens} needs --speculative")
+    if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
     fields = {k: getattr(args, k) for k in ("max_batch_tokens", "max_loras", "kv_cache_tokens", "block_size",
-                                            "max_num_seqs", "dtype", "device") if getattr(args, k) is not None}
+                                            "max_num_seqs", "dtype", "device", "speculative",
+                                            "num_speculative_tokens") if getattr(args, k) is not None}
     name = args.served_model_name or ckpt.resolve().name
     if name in adapters:
         raise ValueError(f"--adapter name {name!r} is also the base model's name; rename one")
