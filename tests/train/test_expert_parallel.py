@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanoseek import LoraConfig, Model
+from nanoseek import Model
 from nanoseek.checkpoint import read_safetensors_dir
 from nanoseek.model.expert_parallel import ExpertGroup, shard_experts
 from nanoseek.train.config import TrainConfig
@@ -126,18 +126,6 @@ def test_mesh_errors_name_the_bad_value():
         check_mesh(1, 2, 8)  # --expert-parallel 2 without torchrun
     with pytest.raises(ValueError, match="expert_parallel"):
         TrainConfig(**tiny_kwargs("x", "y", "z", expert_parallel=2, fsdp=True))
-
-
-def test_lora_on_experts_is_refused_clearly():
-    model = Model(ds())
-    model.add_adapter("a", LoraConfig(r=2, target_modules="all-linear"))
-    with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
-        shard_experts(model, ExpertGroup(size=2, rank=0))
-    plain = Model(ds())
-    shard_experts(plain, ExpertGroup(size=2, rank=0))
-    plain.add_adapter("late", LoraConfig(r=2, target_modules="all-linear"))  # after sharding
-    with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
-        plain(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_shard_keeps_this_ranks_experts():
