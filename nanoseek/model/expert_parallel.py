@@ -238,6 +238,8 @@ def _slice_back(m: Experts, base: dict, shards: dict) -> None:
     for pd, proj in _factors(m):
         full = pd[proj]
         _, shard = shards.get((id(pd), proj), (None, None))
+        if full is shard:  # never gathered (an error while entering the view)
+            continue
         if shard is None or shard.shape != full[lo:hi].shape:
             shard = ep.mark_sharded(nn.Parameter(full.detach()[lo:hi].clone()))
         else:
