@@ -20,6 +20,15 @@ group g = experts [g*E/G, (g+1)*E/G). With N = G ranks (one "node" per rank) a t
 `topk_group` ranks; with N = m*G, at most topk_group*m ranks on topk_group nodes of m ranks. `stats` counts
 what the real collectives moved (split sizes), so the benchmark measures, not models, the bytes.
 
+LoRA on routed experts. An adapter's per-expert factors A (E, r, in), B (E, out, r) are sharded exactly as the
+expert weights: `shard_experts` slices every adapter attached before it (so a fresh adapter has the draws of one
+process), and the receiving rank's grouped experts run the adapter's grouped GEMMs on its E/N local experts.
+The factors' gradients, like the experts', hold every token of the group. `full_adapter_view` gathers the
+factors for the body of a `with` (save_adapter then writes the one-process file; load_adapter / add_adapter /
+copy_adapter_weights_ see E experts) and slices them back on exit, new adapters included; outside it, an adapter
+attached to a sharded model is refused at the forward (its factors were not sharded from the full set).
+Per-row (multi-tenant) adapters on experts are refused under expert parallelism: received rows carry no slot.
+
 Why this shape. The model only needs `Experts.ep` set (see `shard_experts`); with it unset nothing changes
 (single-process path bit-identical). The dense parts stay replicated; train/expert_parallel.py averages
 their gradients and the experts' (over the data-parallel replicas) and gathers/scatters checkpoints.
@@ -30,14 +39,19 @@ capacity factor (changes the math vs one process).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
 from .moe import Experts
+
+EXPERT_PROJS = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -69,11 +83,41 @@ class ExpertGroup:
     rank: int
     group: tdist.ProcessGroup | None = None
     stats: DispatchStats = field(default_factory=DispatchStats)
+    shards: dict = field(default_factory=dict)  # id -> weakref of every adapter factor sliced for this group
+    full_view: bool = False  # inside full_adapter_view: factors hold all E experts, no forward allowed
 
     def local_experts(self, n_experts: int) -> tuple[int, int]:
         """[lo, hi) global ids of the routed experts this rank holds."""
         per = n_experts // self.size
         return self.rank * per, (self.rank + 1) * per
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's (E/N, ...) slice -> the group's (E, ...) tensor (all_gather over the group, no grad)."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        tdist.all_gather(parts, t.detach().contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def mark_sharded(self, p: nn.Parameter) -> nn.Parameter:
+        self.shards[id(p)] = weakref.ref(p)
+        return p
+
+    def is_shard(self, p: torch.Tensor) -> bool:
+        ref = self.shards.get(id(p))
+        return ref is not None and ref() is p
+
+    def check_adapters(self, experts: Experts) -> None:
+        """ValueError for what the dispatched forward cannot run: a full view, an adapter whose expert factors
+        were not sliced for this group, per-row adapters."""
+        if self.full_view:
+            raise ValueError("no forward inside full_adapter_view (the expert weights are stand-ins there)")
+        for name, pd in experts.lora_A.items():
+            if not all(self.is_shard(p) for p in (*pd.values(), *experts.lora_B[name].values())):
+                raise ValueError(f"adapter {name!r} was put on the routed experts of a model sharded for expert "
+                                 "parallelism: add or load it before shard_experts, or inside "
+                                 "full_adapter_view, so its per-expert factors are sliced from all E experts")
+        if len(experts.lora_A) and experts.lora_ctx is not None and experts.lora_ctx.rows is not None:
+            raise ValueError("per-row adapters on routed experts are not supported with expert parallelism (the "
+                             "rows a rank receives from other ranks carry no adapter slot); use one adapter")
 
     def dispatch_combine(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_local: int,
                          local_fn: Callable) -> torch.Tensor:
@@ -130,21 +174,76 @@ def check_divisible(n_experts: int, size: int) -> None:
                          f"divisible by {size}")
 
 
-def shard_experts(model: torch.nn.Module, ep: ExpertGroup) -> None:
-    """Keep only this rank's routed experts in every MoE layer (new, smaller Parameters) and set `.ep`.
+def _factors(m: Experts) -> Iterator[tuple[nn.ParameterDict, str]]:
+    """(ParameterDict, projection) of every LoRA factor on these experts: lora_A[adapter][proj], lora_B[...]."""
+    for d in (m.lora_A, m.lora_B):
+        for pd in d.values():
+            for proj in list(pd):
+                yield pd, proj
 
-    Call before building the optimizer. LoRA factors on experts are not sharded: refused here.
-    """
-    for name, m in model.named_modules():
+
+def _groups(model: nn.Module) -> list[Experts]:
+    return [m for m in model.modules() if isinstance(m, Experts) and m.ep is not None]
+
+
+def shard_experts(model: nn.Module, ep: ExpertGroup) -> None:
+    """Keep only this rank's routed experts in every MoE layer (new, smaller Parameters) and set `.ep`; the
+    LoRA factors already on the experts are sliced the same way. Call before building the optimizer."""
+    for m in model.modules():
         if not isinstance(m, Experts):
             continue
-        if len(m.lora_A):
-            raise ValueError(f"{name}: LoRA adapters on routed experts are not supported with expert parallelism "
-                             "(their per-expert A/B would need sharding); target the other modules, or train "
-                             "without --expert-parallel")
         check_divisible(m.gate_up_proj.shape[0], ep.size)
         lo, hi = ep.local_experts(m.gate_up_proj.shape[0])
-        for proj in ("gate_up_proj", "down_proj"):  # (E/N, ...) slices; frozen stays frozen (LoRA runs)
+        for proj in EXPERT_PROJS:  # (E/N, ...) slices; frozen stays frozen (LoRA runs)
             full = getattr(m, proj)
             setattr(m, proj, torch.nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
+        for pd, proj in _factors(m):  # A (E/N, r, in), B (E/N, out, r)
+            full = pd[proj]
+            pd[proj] = ep.mark_sharded(nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         m.ep = ep
+
+
+@contextmanager
+def full_adapter_view(model: nn.Module) -> Iterator[None]:
+    """For the body: every routed-expert LoRA factor of the sharded `model` holds all E experts (all-gathered),
+    and the expert weights read as (E, ...) stand-ins (a stride-0 view: no memory), so lora.py / lora_io.py
+    act as on one process (save_adapter, load_adapter, add_adapter, copy_adapter_weights_). On exit every
+    factor is sliced back: existing shards in place (an optimizer keeps pointing at them), new adapters as new
+    sharded Parameters. Collective: every rank of the group enters it, with the same adapters. No forward inside.
+    """
+    saved = []  # (experts, {proj: base shard}, {(id(pd), proj): (pd, factor shard)})
+    try:
+        for m in _groups(model):
+            ep, n = m.ep, m.gate_up_proj.shape[0]
+            base = {proj: m._parameters[proj] for proj in EXPERT_PROJS}
+            shards = {(id(pd), proj): (pd, pd[proj]) for pd, proj in _factors(m)}
+            saved.append((m, base, shards))
+            for pd, proj in _factors(m):
+                p = pd[proj]
+                pd[proj] = nn.Parameter(ep.gather(p), requires_grad=p.requires_grad)  # (E, r, in) / (E, out, r)
+            for proj, w in base.items():
+                m._parameters[proj] = nn.Parameter(w.detach()[:1].expand(n * ep.size, *w.shape[1:]),
+                                                   requires_grad=False)
+            ep.full_view = True
+        yield
+    finally:
+        for m, base, shards in saved:
+            _slice_back(m, base, shards)
+
+
+@torch.no_grad()
+def _slice_back(m: Experts, base: dict, shards: dict) -> None:
+    ep = m.ep
+    lo, hi = ep.local_experts(base["gate_up_proj"].shape[0] * ep.size)
+    for pd, proj in _factors(m):
+        full = pd[proj]
+        _, shard = shards.get((id(pd), proj), (None, None))
+        if full is shard:  # never gathered (an error while entering the view)
+            continue
+        if shard is None or shard.shape != full[lo:hi].shape:
+            shard = ep.mark_sharded(nn.Parameter(full.detach()[lo:hi].clone()))
+        else:
+            shard.copy_(full[lo:hi])
+        pd[proj] = shard.requires_grad_(full.requires_grad)
+    m._parameters.update(base)
+    ep.full_view = False

@@ -139,8 +139,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""
         if self.ep is not None:  # expert parallel: this rank holds experts [lo, hi) only
-            if len(self.lora_A):  # an adapter added after sharding: its per-expert factors are not sharded
-                raise ValueError("LoRA adapters on routed experts are not supported with expert parallelism")
+            self.ep.check_adapters(self)  # LoRA factors sliced as the experts; one adapter per forward
             return self.ep.dispatch_combine(x, idx, weights, self.gate_up_proj.shape[0], self.grouped)
         N, K = idx.shape
         flat = idx.flatten()  # (N*K,) expert of each token copy

@@ -17,6 +17,9 @@ rank) plus the all-reduced sum over the expert group of the expert shards'.
 Checkpoints are ordinary HF directories: `full_state` all-gathers expert weights and their AdamW moments over
 the expert group (the optimizer state dict then has exactly the 1-process layout); `shard_state` slices a full
 checkpoint for this rank, so a run saved with N ranks resumes with M (or with one process, or DDP).
+LoRA on routed experts: the per-expert factors are expert parameters here (sharded, reduced over "dp" only);
+`full_adapter_state` writes the one-process PEFT tensors and optimizer state, `load_adapter_weights_` resumes
+from such a directory (gathered / sliced through model/expert_parallel.full_adapter_view).
 
 Why. DDP-equivalent arithmetic with explicit collectives keeps the scaling visible in one place. The full model
 is initialised on every rank from the same seed, then sliced: the same weights as one process, bit for bit.
@@ -35,11 +38,10 @@ import torch.distributed as tdist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from ..model.expert_parallel import ExpertGroup, check_divisible, shard_experts
+from .. import lora_io
+from ..model.expert_parallel import ExpertGroup, check_divisible, full_adapter_view, shard_experts
 from ..model.moe import Experts
 from .distributed import Dist
-
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 def check_mesh(world_size: int, n: int, n_experts: int) -> None:
@@ -66,8 +68,12 @@ class ExpertParallel(nn.Module):
         self.ep = ExpertGroup(n, self.mesh.get_local_rank("ep"), self.mesh.get_group("ep"))
         self.dp_group = self.mesh.get_group("dp")
         shard_experts(model, self.ep)
-        self.expert_names = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, Experts)
-                             for p in EXPERT_PARAMS}
+
+    @property
+    def expert_names(self) -> set[str]:
+        """Names of the sharded parameters: routed-expert weights and their LoRA factors (adapters may come later)."""
+        return {f"{name}.{p}" for name, m in self.model.named_modules() if isinstance(m, Experts)
+                for p, _ in m.named_parameters()}
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -78,11 +84,11 @@ class ExpertParallel(nn.Module):
 
     def _split(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(replicated, expert) trainable parameters, tied weights once."""
-        seen, rep, exp = set(), [], []
+        seen, rep, exp, experts = set(), [], [], self.expert_names
         for name, p in self.model.named_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
-                (exp if name in self.expert_names else rep).append(p)
+                (exp if name in experts else rep).append(p)
         return rep, exp
 
     def reduce_and_clip_(self, max_norm: float) -> torch.Tensor:
@@ -110,31 +116,50 @@ class ExpertParallel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def _expert_slots(self, optimizer) -> dict[int, str]:
         """Optimizer state index -> parameter name, for the expert parameters."""
-        names = {id(p): n for n, p in self.model.named_parameters() if n in self.expert_names}
+        experts = self.expert_names
+        names = {id(p): n for n, p in self.model.named_parameters() if n in experts}
         order = [p for g in optimizer.param_groups for p in g["params"]]
         return {i: names[id(p)] for i, p in enumerate(order) if id(p) in names}
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.ep.size)]
-        tdist.all_gather(parts, t.contiguous(), group=self.ep.group)
-        return torch.cat(parts).cpu()
+        return self.ep.gather(t).cpu()
 
     def full_state(self, optimizer) -> tuple[dict, dict]:
         """(model state dict, optimizer state dict) with every expert gathered: the 1-process layout, on CPU.
         Every rank must call it (it all-gathers over the expert group)."""
-        sd = {k: (self._gather(v) if k in self.expert_names else v.detach().cpu())
-              for k, v in self.model.state_dict().items()}
+        experts = self.expert_names
+        sd = {k: (self._gather(v) if k in experts else v.detach().cpu()) for k, v in self.model.state_dict().items()}
+        return sd, self._full_optimizer_state(optimizer)
+
+    def _full_optimizer_state(self, optimizer) -> dict:
         osd = optimizer.state_dict()
         for i in self._expert_slots(optimizer):
             osd["state"][i] = {k: (self._gather(v) if torch.is_tensor(v) and v.dim() else v)
                                for k, v in osd["state"][i].items()}
-        return sd, osd
+        return osd
+
+    def full_adapter_state(self, name: str, optimizer) -> tuple[dict, dict]:
+        """(PEFT tensors of adapter `name`, optimizer state dict), expert factors gathered: what one process
+        would save. Every rank must call it."""
+        with self.adapter_view():
+            tensors = {k: v.cpu() for k, v in lora_io.adapter_state_dict(self.model, name).items()}
+        return tensors, self._full_optimizer_state(optimizer)
+
+    def adapter_view(self):
+        """A `with` in which the expert factors hold all E experts (model/expert_parallel.full_adapter_view)."""
+        return full_adapter_view(self.model)
+
+    def load_adapter_weights_(self, name: str, path) -> None:
+        """Resume: overwrite adapter `name` in place from a one-process PEFT directory (expert factors sliced)."""
+        with self.adapter_view():
+            lora_io.copy_adapter_weights_(self.model, name, path)
 
     def shard_state(self, sd: dict, osd: dict, optimizer) -> tuple[dict, dict]:
         """This rank's slices of a full (model, optimizer) state, as `full_state` or one process wrote it.
         `optimizer` is this run's (its groups list the parameters in the order the saved indices follow)."""
         lo, hi = self.ep.local_experts(self.model.config.n_routed_experts)
-        sd = {k: (v[lo:hi] if k in self.expert_names else v) for k, v in sd.items()}
+        experts = self.expert_names
+        sd = {k: (v[lo:hi] if k in experts else v) for k, v in sd.items()}
         for i in self._expert_slots(optimizer):
             if i in osd["state"]:
                 osd["state"][i] = {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() else v)

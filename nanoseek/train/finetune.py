@@ -22,8 +22,8 @@ resume: weights, optimizer, loader position, RNG). Differences, and why:
     batch N*B. Rank 0 alone logs and writes checkpoints; every rank evaluates the same validation batches.
     No FSDP yet: a LoRA run's trained state is tiny; full fine-tuning of a model too big for one device needs it.
   * `--expert-parallel N` spreads the routed experts over groups of N ranks as in pretraining
-    (expert_parallel.py): full fine-tuning, or LoRA on modules other than the routed experts (LoRA on
-    experts under expert parallelism is refused with an error: their per-expert A/B are not sharded).
+    (expert_parallel.py): full fine-tuning or LoRA, the routed experts' per-expert LoRA factors sharded as the
+    experts (checkpoints and the final adapter hold all of them: the one-process PEFT files).
 For a JSONL file without --val-data, every 20th record (index % 20 == 19) is held out for validation.
 
 Rejected: a separate fine-tuning loop (a second copy of step/NaN/clip/resume logic to keep in sync); adding an
@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,8 +198,8 @@ HELP = {  # --help text of each FinetuneConfig field
     "decay_frac": "wsd: fraction of steps in the final decay",
     "grad_clip": "global gradient-norm clip (0 = off)",
     "bias_update_gamma": "router-bias update speed (full fine-tuning only; LoRA keeps the base frozen)",
-    "expert_parallel": "under torchrun: spread the routed experts over groups of N ranks (full fine-tuning, or "
-                       "LoRA whose --target-modules leave out the experts); 1: every rank holds every expert",
+    "expert_parallel": "under torchrun: spread the routed experts (and their LoRA factors) over groups of N ranks; "
+                       "1: every rank holds every expert",
     "pack": "pack examples into full rows instead of one padded example per row",
     "val_data": "validation JSONL (default for a JSONL --data: every 20th record is held out)",
     "eval_tasks": "comma-separated built-in tasks also evaluated (their val split)",
@@ -318,9 +319,13 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
             shard = (lambda sd, osd: wrapped.shard_state(sd, osd, optimizer)) if cfg.expert_parallel > 1 else None
             state, rng = load_checkpoint(resume_path, model, optimizer, shard=shard)
         else:
-            lora_io.copy_adapter_weights_(model, name, resume_path)
-            optimizer.load_state_dict(torch.load(resume_path / "trainer_state" / "optimizer.pt", map_location="cpu",
-                                                 weights_only=True))
+            osd = torch.load(resume_path / "trainer_state" / "optimizer.pt", map_location="cpu", weights_only=True)
+            if isinstance(wrapped, ExpertParallel):  # expert factors sliced for this rank
+                wrapped.load_adapter_weights_(name, resume_path)
+                osd = wrapped.shard_state({}, osd, optimizer)[1]
+            else:
+                lora_io.copy_adapter_weights_(model, name, resume_path)
+            optimizer.load_state_dict(osd)
             rng = torch.load(resume_path / "trainer_state" / "rng.pt", map_location="cpu", weights_only=True)
             state = json.loads((resume_path / "trainer_state" / "state.json").read_text())
         loader.load_state_dict(state["loader"])
@@ -375,18 +380,19 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         if last or (cfg.save_every and n % cfg.save_every == 0):
             state = {"step": n, "loader": loader.state_dict(), "metrics_offset": log.offset(),
                      "world_size": d.world_size, "finetune_config": dataclasses.asdict(cfg)}
-            gathered = _gather(cfg, wrapped, optimizer)  # every rank takes part
+            gathered = _gather(cfg, wrapped, optimizer, name)  # every rank takes part
             if d.is_main:
                 _save(cfg, model, name, tok, optimizer, state, n, gathered)
             d.barrier()  # nobody runs ahead of a half-written checkpoint
     log.close()
     summary["output"] = str(out_dir / ("model" if cfg.full else "adapter"))
-    gathered = _gather(cfg, wrapped, optimizer)
-    if d.is_main:
-        if cfg.full:
+    gathered = _gather(cfg, wrapped, optimizer, name) if cfg.full else None
+    view = wrapped.adapter_view() if isinstance(wrapped, ExpertParallel) and not cfg.full else nullcontext()
+    with view:  # expert parallelism: every rank gathers the expert factors
+        if d.is_main and cfg.full:
             model.save_pretrained(out_dir / "model", tokenizer=tok, extra=add_chat_template,
                                   state_dict=None if gathered is None else gathered[0])
-        else:
+        elif d.is_main:
             model.save_adapter(out_dir / "adapter", name, base_model_name_or_path=str(cfg.base))
     d.barrier()
     return summary
@@ -402,10 +408,12 @@ class _RankLog:
         return getattr(self.log, name) if self.log is not None else (lambda *a, **k: None)
 
 
-def _gather(cfg: FinetuneConfig, wrapped, optimizer) -> tuple[dict, dict] | None:
-    """Full fine-tuning under expert parallelism: (model, optimizer) state with the experts gathered; else None
-    (a LoRA adapter never holds expert factors there)."""
-    return wrapped.full_state(optimizer) if cfg.full and isinstance(wrapped, ExpertParallel) else None
+def _gather(cfg: FinetuneConfig, wrapped, optimizer, name: str | None) -> tuple[dict, dict] | None:
+    """Under expert parallelism: (model state, optimizer state) with the experts gathered (full), or (adapter
+    PEFT tensors, optimizer state) with the expert factors gathered (LoRA); else None."""
+    if not isinstance(wrapped, ExpertParallel):
+        return None
+    return wrapped.full_state(optimizer) if cfg.full else wrapped.full_adapter_state(name, optimizer)
 
 
 def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, state: dict, step: int,
@@ -414,7 +422,7 @@ def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, s
     if cfg.full:
         return save_checkpoint(model, tok, cfg.out_dir, step, optimizer, state, rng_state(), cfg.keep_last,
                                gathered)
-    tensors = lora_io.adapter_state_dict(model, name)
+    tensors, osd = gathered or (lora_io.adapter_state_dict(model, name), optimizer.state_dict())
     peft_cfg = lora_io.peft_config_dict(model, name, str(cfg.base))
     rng = rng_state()
 
@@ -427,7 +435,7 @@ def _save(cfg: FinetuneConfig, model: Model, name: str | None, tok, optimizer, s
         add_chat_template(tmp)
         d = tmp / "trainer_state"
         d.mkdir()
-        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        torch.save(osd, d / "optimizer.pt")
         torch.save(rng, d / "rng.pt")
         (d / "state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks "complete"
 

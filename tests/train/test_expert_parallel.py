@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanoseek import LoraConfig, Model
+from nanoseek import Model
 from nanoseek.checkpoint import read_safetensors_dir
 from nanoseek.model.expert_parallel import ExpertGroup, shard_experts
 from nanoseek.train.config import TrainConfig
@@ -128,18 +128,6 @@ def test_mesh_errors_name_the_bad_value():
         TrainConfig(**tiny_kwargs("x", "y", "z", expert_parallel=2, fsdp=True))
 
 
-def test_lora_on_experts_is_refused_clearly():
-    model = Model(ds())
-    model.add_adapter("a", LoraConfig(r=2, target_modules="all-linear"))
-    with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
-        shard_experts(model, ExpertGroup(size=2, rank=0))
-    plain = Model(ds())
-    shard_experts(plain, ExpertGroup(size=2, rank=0))
-    plain.add_adapter("late", LoraConfig(r=2, target_modules="all-linear"))  # after sharding
-    with pytest.raises(ValueError, match="LoRA adapters on routed experts are not supported"):
-        plain(torch.zeros(1, 4, dtype=torch.long))
-
-
 def test_shard_keeps_this_ranks_experts():
     model = Model(ds())
     full = model.model.layers[1].mlp.experts.down_proj.detach().clone()  # (8, H, I)
@@ -170,20 +158,50 @@ def test_sigkill_under_torchrun_then_resume_is_exact(tiny_corpus, cache_dir, tmp
     assert [{k: r.get(k) for k in KEYS} for r in resumed] == [{k: r.get(k) for k in KEYS} for r in ref]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--full"], ["--target-modules", "o_proj,kv_b_proj"]], ids=["full", "lora"])
-def test_finetune_two_ranks_match_one(sft_base, tmp_path, flags):
-    """`finetune --expert-parallel 2` (4 experts, 2 per rank) follows one process: full fine-tuning (experts
-    trained, gathered into model/) and LoRA on non-expert modules (experts frozen, tokens still dispatched)."""
-    one = finetune_launch(1, sft_base, tmp_path / "one", "--batch-size", "4", *flags)
-    two = finetune_launch(2, sft_base, tmp_path / "two", "--batch-size", "2", "--expert-parallel", "2", *flags)
+def assert_same_finetune(one, two, dir_one, dir_two, out):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
         for key in ("loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
-    out = "model/model.safetensors" if flags == ["--full"] else "adapter/adapter_model.safetensors"
-    w1, w2 = load_file(tmp_path / "one" / out), load_file(tmp_path / "two" / out)
+    w1, w2 = load_file(dir_one / out), load_file(dir_two / out)
     assert w1.keys() == w2.keys()
     for k in w1:  # atol as in test_finetune's DDP test: lr 3e-3 Adam steps on tiny gradients (seen: 2e-5)
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--full"], ["--target-modules", "o_proj,kv_b_proj"],
+                                   ["--target-modules", "all-linear"]], ids=["full", "lora", "lora-experts"])
+def test_finetune_two_ranks_match_one(sft_base, tmp_path, flags):
+    """`finetune --expert-parallel 2` (4 experts, 2 per rank; node-limited: 1 of 2 groups; MTP on) follows one
+    process: full fine-tuning (experts trained, gathered into model/), LoRA on non-expert modules (experts
+    frozen, tokens still dispatched) and LoRA on every linear and the routed experts (factors sharded, gathered
+    into the one-process adapter file)."""
+    one = finetune_launch(1, sft_base, tmp_path / "one", "--batch-size", "4", *flags)
+    two = finetune_launch(2, sft_base, tmp_path / "two", "--batch-size", "2", "--expert-parallel", "2", *flags)
+    out = "model/model.safetensors" if flags == ["--full"] else ADAPTER
+    assert_same_finetune(one, two, tmp_path / "one", tmp_path / "two", out)
+    if "all-linear" in flags:
+        assert any(".experts." in k for k in load_file(tmp_path / "two" / out))
+        ckpt = "checkpoints/step-0000004/adapter_model.safetensors"  # the checkpoint holds every expert too
+        assert load_file(tmp_path / "two" / ckpt).keys() == load_file(tmp_path / "one" / ckpt).keys()
+
+
+@pytest.mark.slow
+def test_finetune_lora_on_experts_resumes_across_rank_counts(sft_base, tmp_path):
+    """LoRA on the experts: saved by 2 expert-parallel ranks at step 2 and resumed by one process (2 -> 1), and
+    saved by one process and resumed by 2 expert-parallel ranks (1 -> 2): both finish as the uninterrupted run."""
+    flags = ("--target-modules", "all-linear", "--save-every", "2")
+    one = finetune_launch(1, sft_base, tmp_path / "one", "--batch-size", "4", *flags)
+    finetune_launch(2, sft_base, tmp_path / "two", "--batch-size", "2", "--expert-parallel", "2", *flags)
+    for src, dst, n, more in (("two", "2to1", 1, ("--batch-size", "4")),
+                              ("one", "1to2", 2, ("--batch-size", "2", "--expert-parallel", "2"))):
+        shutil.copytree(tmp_path / src, tmp_path / dst)
+        shutil.rmtree(tmp_path / dst / "checkpoints" / "step-0000004")  # as if killed after the step-2 save
+        shutil.rmtree(tmp_path / dst / "adapter")
+        resumed = finetune_launch(n, sft_base, tmp_path / dst, *more, *flags, "--resume", "latest")
+        assert_same_finetune(one, resumed, tmp_path / "one", tmp_path / dst, ADAPTER)
