@@ -23,6 +23,7 @@ from typing import Any
 MODEL_TYPES = ("deepseek_v3", "gpt2")
 ROUTER_BALANCE = ("aux_free", "aux_loss", "none")
 ACTIVATIONS = ("silu", "gelu_new", "gelu")
+IGNORE_INDEX = -100  # a target the loss skips (PyTorch's and Hugging Face's convention): prompt, padding, MTP tail
 
 # GPT-2's config.json keys <-> our (DeepSeek-V3 style) field names.
 GPT2_KEYS = {

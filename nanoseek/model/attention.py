@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, Rotary, linear, softmax_scale
+from .layers import RMSNorm, Rotary, softmax_scale
+from .linear import linear
 
 
 class KVCache:

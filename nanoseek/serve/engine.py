@@ -25,7 +25,7 @@ import torch
 
 from ..data import Tokenizer
 from ..lora import adapter_parameters
-from ..model import Model
+from ..modeling import Model
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .paged_cache import KVPool, PagedCache

@@ -15,10 +15,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..config import PRESETS
+from ..data import Tokenizer, load_corpus, tokenize_corpus
+from ..data.sft import add_chat_template
+from ..modeling import Model
+from .config import TrainConfig, load_config_file
+from .evaluate import evaluate, expert_routing_by_domain
+from .trainer import TrainingDiverged, train
 
 DIVERGED_EXIT = 3
 
@@ -33,8 +43,6 @@ def _optional(kind):
 
 def add_commands(subparsers) -> None:
     """Register pretrain, generate, eval, experts and merge on cli.py's subparsers."""
-    from .config import TrainConfig
-
     p = subparsers.add_parser("pretrain", help="pretrain a model (torchrun for several processes)",
                               description="Pretrain a GPT-2 or DeepSeek-V3-style model. Every flag is a "
                                           "TrainConfig field; --config FILE gives defaults, flags override it.",
@@ -110,24 +118,18 @@ def _eval_args(p) -> None:
 # ---------------------------------------------------------------------------------------------- pretrain
 def build_train_config(args: argparse.Namespace):
     """TrainConfig from --config file values overridden by the flags given on the command line."""
-    from .config import TrainConfig, load_config_file
-
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
     return TrainConfig.from_dict({**values, **given})
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .trainer import TrainingDiverged, train
-
     cfg = build_train_config(args)
     try:
         summary = train(cfg)
     except TrainingDiverged as e:
         print(f"nanoseek pretrain: training diverged: {e}", file=sys.stderr)
         return DIVERGED_EXIT
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"pretrain": summary}))
     return 0
@@ -135,17 +137,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- inference
 def _device(name: str):
-    import torch
-
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                         ("cpu" if name == "auto" else name))
 
 
 def _load(checkpoint: str, device: str, adapter: str | None = None):
     """(model in eval mode, tokenizer, the saved TrainConfig dict); `adapter` is loaded and merged."""
-    from ..data import Tokenizer
-    from ..model import Model
-
     path = Path(checkpoint)
     model = Model.from_pretrained(path, device=_device(device))
     if adapter is not None:
@@ -161,8 +158,6 @@ def _saved_train_config(path: Path) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     if args.num_speculative_tokens is not None and not args.speculative:
         raise ValueError("--num-speculative-tokens needs --speculative")
     model, tok, _ = _load(args.checkpoint, args.device, args.adapter)
@@ -184,8 +179,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval_data(args, tok, saved: dict):
-    from ..data import load_corpus, tokenize_corpus
-
     data = args.data or saved.get("data", "stdlib")
     corpus = load_corpus(None if data == "stdlib" else data)
     seq_len = args.seq_len or saved.get("seq_len", 256)
@@ -193,8 +186,6 @@ def _eval_data(args, tok, saved: dict):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-
     model, tok, saved = _load(args.checkpoint, args.device, args.adapter)
     data, corpus, val, seq_len = _eval_data(args, tok, saved)
     res = evaluate(model, val, seq_len, args.batch_size, args.eval_batches, next(model.parameters()).device,
@@ -210,9 +201,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _experts(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .evaluate import expert_routing_by_domain
 
     model, tok, saved = _load(args.checkpoint, args.device, args.adapter)
     data, corpus, _, seq_len = _eval_data(args, tok, saved)
@@ -237,9 +225,6 @@ def _experts(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..data.sft import add_chat_template
 
     out = Path(args.out)
     if out.exists():

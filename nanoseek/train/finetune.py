@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from .. import lora, lora_io
-from ..checkpoint import atomic_directory
 from ..data.sft import (
     SFTLoader,
     add_chat_template,
@@ -59,12 +58,14 @@ from ..data.sft import (
     sft_eval_batches,
 )
 from ..data.tokenizer import Tokenizer
-from ..model import Model
+from ..fileio import atomic_directory
 from ..model.precision import quantize_base
+from ..modeling import Model
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .expert_parallel import ExpertParallel
 from .metrics import MetricsLog, peak_memory_bytes
 from .optim import SCHEDULES, configure_optimizer, lr_at, set_lr
+from .plots import plot_run
 from .state import (
     checkpoint_dir,
     list_checkpoints,
@@ -369,8 +370,6 @@ def _finetune(cfg: FinetuneConfig, d: Dist, device: torch.device) -> dict:
         if last or (cfg.eval_every and n % cfg.eval_every == 0):
             summary.update(evaluate_all(n))
             if cfg.plots and d.is_main:
-                from .plots import plot_run
-
                 plot_run(out_dir)
         if last or (cfg.save_every and n % cfg.save_every == 0):
             state = {"step": n, "loader": loader.state_dict(), "metrics_offset": log.offset(),

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from ..data import PackedLoader, get_or_train_tokenizer, load_corpus, tokenize_corpus
-from ..model import Model
+from ..modeling import Model
 from .config import TrainConfig
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .evaluate import evaluate
 from .expert_parallel import ExpertParallel, check_mesh
 from .metrics import MetricsLog, flops_per_token, max_vio, peak_flops, peak_memory_bytes
 from .optim import configure_optimizer, lr_at, set_lr
+from .plots import plot_run
 from .state import (
     gather_fsdp_state,
     list_checkpoints,
@@ -192,8 +193,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
                 log.write({"step": n, **{k: ev[k] for k in ("val_loss", "val_ppl", "val_bpb")}})
             summary.update({k: ev[k] for k in ("val_loss", "val_ppl", "val_bpb")})
             if d.is_main and cfg.plots:
-                from .plots import plot_run
-
                 plot_run(out_dir)
         if last or (cfg.save_every and n % cfg.save_every == 0):
             _save(cfg, d, model, wrapped, tok, optimizer, loader, n, log)

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
+from nanoseek import Model
 from nanoseek.checkpoint import read_safetensors_dir
-from nanoseek.model import Model
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.state import list_checkpoints
 from nanoseek.train.trainer import TrainingDiverged, train
