@@ -13,7 +13,6 @@ returns an exit code; ValueError/FileNotFoundError become clean messages in cli.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -22,23 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import PRESETS
 from ..data import Tokenizer, load_corpus, tokenize_corpus
 from ..data.sft import add_chat_template
 from ..modeling import Model
 from .config import TrainConfig, load_config_file
 from .evaluate import evaluate, expert_routing_by_domain
+from .flags import add_flags, optional
 from .trainer import TrainingDiverged, train
 
 DIVERGED_EXIT = 3
-
-
-def _optional(kind):
-    def parse(s: str):
-        return None if s.lower() in ("none", "null", "all") else kind(s)
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def add_commands(subparsers) -> None:
@@ -48,19 +39,7 @@ def add_commands(subparsers) -> None:
                                           "TrainConfig field; --config FILE gives defaults, flags override it.",
                               argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="JSON or YAML file whose keys are the fields below")
-    for f in dataclasses.fields(TrainConfig):
-        flag, help_ = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
-        t = str(f.type)
-        if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help_ + "; bare flag = latest")
-        elif t.split(" |")[0] == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        elif f.name == "preset":
-            p.add_argument(flag, choices=sorted(PRESETS), help=help_)
-        else:
-            base = {"int": int, "float": float, "str": str}[t.split(" |")[0]]
-            p.add_argument(flag, type=_optional(base) if "None" in t else base, metavar=f.name.upper(),
-                           help=help_)
+    add_flags(p, TrainConfig, suppress_defaults=True)
     p.set_defaults(func=_pretrain)
 
     g = subparsers.add_parser("generate", help="sample text from a checkpoint (KV cache)")
@@ -83,7 +62,7 @@ def add_commands(subparsers) -> None:
 
     e = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
     _eval_args(e)
-    e.add_argument("--eval-batches", type=_optional(int), default=None, help="batches (default: whole val split)")
+    e.add_argument("--eval-batches", type=optional(int), default=None, help="batches (default: whole val split)")
     e.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
     e.set_defaults(func=_eval)
 
