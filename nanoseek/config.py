@@ -206,6 +206,11 @@ class ModelConfig:
                                              or self.readout_multiplier != 1.0)
 
     @property
+    def has_q_lora(self) -> bool:
+        """MLA queries through a low-rank latent (q_a_proj, q_a_layernorm, q_b_proj); else one q_proj."""
+        return self.q_lora_rank is not None
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

@@ -3,8 +3,8 @@
 What. `save_adapter` writes `adapter_config.json` + `adapter_model.safetensors` as peft 0.21 (transformers 5)
 loads them on the exported base; `read_adapter` / `load_adapter` read what peft or nanoseek (any version) wrote;
 `copy_adapter_weights_` overwrites an adapter in place for `finetune --resume`. The names and the config fields are
-in peft_format.py; the adapters themselves in lora.py.
-Why its own module: lora.py is the compute (modules, per-row path, merge); this is file handling and validation.
+in peft_format.py; the adapters themselves in model/linear.py (state, forward) and lora.py (targets, merge).
+Why its own module: lora.py adds and merges adapters; this is file handling and validation.
 Rejected: writing what peft cannot load and warning about it (the old dense-MLP layout on DeepseekV3): the
 defaults now leave out what peft cannot express (lora.resolve_targets) and write the rest in a layout peft reads.
 """

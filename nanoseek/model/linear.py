@@ -207,7 +207,7 @@ class VeraProjection(nn.Module):
 
 
 class LinearAdapters:
-    """Mixin: named adapters on a module's 2-D `weight` (out, in), read from `lora_ctx` (LoraLinear, moe.Gate).
+    """Mixin: named adapters on a module's 2-D `weight` (out, in), read from `lora_ctx` (Linear, moe.Gate).
 
     Per adapter: LoRA lora_A (r, in), lora_B (out, r), scale gamma; DoRA adds lora_magnitude_vector (out,);
     VeRA has vera_lambda_d (r,), vera_lambda_b (out,) and its sliced shared pair in vera_proj.

@@ -146,7 +146,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, H)
         logits, scores, idx, weights = self.gate(flat)
         y = self.experts(flat, idx, weights).view(B, T, H)
-        if hasattr(self, "shared_experts"):
+        if self.cfg.n_shared_experts:
             y = y + self.shared_experts(x)
         load = torch.bincount(idx.flatten(), minlength=self.gate.n_experts).detach()
         loss = self.balance_loss(logits, scores, idx, B, T) if want_loss else None

@@ -179,6 +179,12 @@ class CausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (FSDP units): DeepSeek-V3's layers then its MTP modules, or GPT-2's h."""
+        if self.config.model_type == "gpt2":
+            return list(self.transformer.h)
+        return [*self.model.layers, *self.mtp]
+
     def embedding(self) -> nn.Embedding:
         return self.transformer.wte if self.config.model_type == "gpt2" else self.model.embed_tokens
 
@@ -213,7 +219,7 @@ class CausalLM(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
+                if isinstance(m, nn.LayerNorm):  # RMSNorm has no bias
                     nn.init.zeros_(m.bias)
             elif isinstance(m, MoE):
                 nn.init.normal_(m.gate.weight, 0.0, std)

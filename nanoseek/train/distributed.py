@@ -98,8 +98,7 @@ def wrap_model(model: nn.Module, d: Dist, device: torch.device, fsdp: bool = Fal
 
         # every block is its own unit: main layers, and MTP modules (which use all their parameters inside
         # their own forward); embedding, final norm and head stay in the root unit
-        blocks = list(getattr(getattr(model, "model", None), "layers", [])) + list(getattr(model, "mtp", []))
-        for block in blocks or getattr(getattr(model, "transformer", None), "h", []):
+        for block in model.blocks():
             fully_shard(block)
         fully_shard(model)
         return model
