@@ -77,7 +77,7 @@ class FinetuneConfig:
                                              "adapter/ (or model/)")
     full: bool = flag(False, "full fine-tuning (every weight) instead of LoRA")
     adapter_name: str = flag("default", "the adapter's name inside the model")
-    r: int = flag(16, "LoRA rank (also the DoRA and VeRA rank)", aliases=("--lora-r",))
+    r: int = flag(16, "LoRA rank (also the DoRA and VeRA rank)", names=("--lora-r", "--r"))
     lora_alpha: float = flag(32.0, "LoRA alpha: gamma = alpha / r (alpha / sqrt(r) with --use-rslora)")
     lora_dropout: float = flag(0.0, "dropout on the adapter's input")
     target_modules: str = flag("all-linear", '"all-linear" or comma-separated module names (q_proj, kv_b_proj, '

@@ -1,8 +1,8 @@
 """One dataclass-to-argparse helper: every field of a run config is a --flag, its help text in the field's metadata.
 
-What. `flag(default, help, **kw)` declares a field (`metadata["help"]`; optional `choices`, `aliases` (extra flag
-spellings), `const` (the value of a bare flag: `--resume` alone = latest)); `add_flags(parser, Config)` adds one
-argument per field: `batch_size` <-> `--batch-size`, bools as `--x/--no-x`, `int | None` fields accept "none".
+What. `flag(default, help, **kw)` declares a field (`metadata["help"]`; optional `choices`, `names` (the flag
+spellings, when not just `--field-name`), `const` (the value of a bare flag: `--resume` alone = latest));
+`add_flags(parser, Config)` adds one argument per field: `batch_size` <-> `--batch-size`, bools as `--x/--no-x`, `int | None` fields accept "none".
 Used by `nanoseek pretrain` (TrainConfig) and `nanoseek finetune` (FinetuneConfig).
 Why: two generators with two help styles had drifted (one read metadata, one a separate HELP dict).
 Rejected: click / typer (another dependency and a second way to declare the same fields).
@@ -38,7 +38,7 @@ def add_flags(p: argparse.ArgumentParser, cls, suppress_defaults: bool = False) 
     a --config file can fill them (the dataclass defaults then apply in the constructor)."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        names = ("--" + f.name.replace("_", "-"), *meta.get("aliases", ()))
+        names = meta.get("names", ("--" + f.name.replace("_", "-"),))
         required = f.default is dataclasses.MISSING
         shown = "" if required or f.default in (None, "") else f" (default: {f.default})"
         kw: dict = {"dest": f.name, "help": meta["help"] + shown}
