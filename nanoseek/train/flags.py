@@ -2,7 +2,8 @@
 
 What. `flag(default, help, **kw)` declares a field (`metadata["help"]`; optional `choices`, `names` (the flag
 spellings, when not just `--field-name`), `const` (the value of a bare flag: `--resume` alone = latest));
-`add_flags(parser, Config)` adds one argument per field: `batch_size` <-> `--batch-size`, bools as `--x/--no-x`, `int | None` fields accept "none".
+`add_flags(parser, Config)` adds one argument per field: `batch_size` <-> `--batch-size`, bools as `--x/--no-x`,
+`int | None` fields accept "none".
 Used by `nanoseek pretrain` (TrainConfig) and `nanoseek finetune` (FinetuneConfig).
 Why: two generators with two help styles had drifted (one read metadata, one a separate HELP dict).
 Rejected: click / typer (another dependency and a second way to declare the same fields).
