@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanoseek import Model  # noqa: E402
 from nanoseek.data import Tokenizer, load_corpus  # noqa: E402
-from nanoseek.model import Model  # noqa: E402
 from nanoseek.serve import Engine, SamplingParams  # noqa: E402
 
 

@@ -16,6 +16,8 @@ Conventions (stated, because published numbers differ by them):
 from __future__ import annotations
 
 from .config import ModelConfig
+from .model import CausalLM
+from .model.moe import MoE
 
 BF16_BYTES = 2
 
@@ -25,11 +27,8 @@ def default_seq_len(cfg: ModelConfig) -> int:
 
 
 def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
-    from .model import Model
-    from .model.moe import MoE
-
     seq = seq_len or default_seq_len(cfg)
-    model = Model(cfg, device="meta")
+    model = CausalLM(cfg, device="meta")
     seen, main, mtp = set(), 0, 0
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:

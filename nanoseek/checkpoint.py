@@ -22,10 +22,7 @@ crash leaves the old checkpoint or the new one, never half of one. Only safetens
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .fileio import atomic_directory
 from .fp8 import FP8, TILE, dequantize_blocks, quantize_blocks
+from .model.transformer import CausalLM
 from .mup import output_multiplier, scale_queries
 
 WEIGHTS = "model.safetensors"
@@ -43,11 +42,6 @@ INDEX = "model.safetensors.index.json"
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_IGNORED = re.compile(r"\.attn\.(bias|masked_bias)$")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
-# Files a checkpoint (or PEFT adapter) directory may hold; anything else makes save refuse to replace the directory.
-OWNED = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
-                   r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
-                   r"special_tokens_map\.json|adapter_config\.json|adapter_model\.safetensors|trainer_state|"
-                   r"metrics\.jsonl|README\.md|.*\.png)$")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [TILE, TILE],
                            "activation_scheme": "dynamic"}
@@ -259,47 +253,6 @@ def write_weights(sd: dict[str, torch.Tensor], path: Path, max_shard_bytes: int 
     (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Run fill(tmp_dir), then move tmp_dir to `path` (replacing an older checkpoint there)."""
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path} exists and is not a directory")
-        foreign = sorted(p.name for p in path.iterdir() if not OWNED.match(p.name))
-        if foreign:
-            raise ValueError(f"refusing to replace {path}: it holds files that are not part of a checkpoint "
-                             f"({', '.join(foreign[:5])}); choose another directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        _fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{tag}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in [*path.iterdir(), path] if path.is_dir() else [path]:
-        if f.is_file() or f == path:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------------- API
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer=None,
@@ -335,10 +288,10 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
     return atomic_directory(path, fill)
 
 
-def load_pretrained(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Build a Model from a HF directory written by nanoseek or `transformers` (safetensors only)."""
-    from .model import Model
-
+def load_pretrained(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+                    cls: type[CausalLM] = CausalLM) -> CausalLM:
+    """Build a `cls` (nanoseek.Model via Model.from_pretrained) from a HF directory written by nanoseek or
+    `transformers` (safetensors only)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -354,7 +307,7 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = None, 
         warnings.warn(f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the "
                       "checkpoint has no MTP weights; loading without MTP", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    model = Model(cfg, device="meta")
+    model = cls(cfg, device="meta")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

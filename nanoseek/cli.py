@@ -1,7 +1,8 @@
 """`nanoseek <command>`: the command line. Each room of the house registers its own subcommands.
 
     nanoseek info --preset dsv3-tiny --json      parameter, FLOP and KV-cache accounting
-    (training, evaluation, generation: see nanoseek/train/commands.py)
+    (pretrain: nanoseek/train/commands.py; finetune: train/finetune.py; generate, eval, experts, merge:
+    nanoseek/infer.py)
     nanoseek serve --checkpoint DIR --adapter NAME=DIR    OpenAI-compatible server (nanoseek/serve/server.py)
 """
 
@@ -263,10 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--search, all the multipliers and zero-init switches)")
     p.add_argument("--out", default="out/sweep", help="output directory (finished runs are reused)")
     p.set_defaults(func=_sweep)
-    from .train.commands import add_commands
+    from . import infer
+    from .train import commands
     from .train.finetune import add_finetune_command
 
-    add_commands(sub)
+    commands.add_commands(sub)
+    infer.add_commands(sub)
     add_finetune_command(sub)
     _add_serve_command(sub)
     return parser

@@ -23,6 +23,7 @@ from typing import Any
 MODEL_TYPES = ("deepseek_v3", "gpt2")
 ROUTER_BALANCE = ("aux_free", "aux_loss", "none")
 ACTIVATIONS = ("silu", "gelu_new", "gelu")
+IGNORE_INDEX = -100  # a target the loss skips (PyTorch's and Hugging Face's convention): prompt, padding, MTP tail
 
 # GPT-2's config.json keys <-> our (DeepSeek-V3 style) field names.
 GPT2_KEYS = {
@@ -203,6 +204,11 @@ class ModelConfig:
         """A tied head whose multipliers (muP, alpha_emb, alpha_out) are folded on export: written untied."""
         return self.tie_word_embeddings and (self.mup_base_width is not None or self.embedding_multiplier != 1.0
                                              or self.readout_multiplier != 1.0)
+
+    @property
+    def has_q_lora(self) -> bool:
+        """MLA queries through a low-rank latent (q_a_proj, q_a_layernorm, q_b_proj); else one q_proj."""
+        return self.q_lora_rank is not None
 
     @property
     def qk_head_dim(self) -> int:

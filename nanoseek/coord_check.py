@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .model import Model
 from .model.attention import MLA, GPT2Attention
 from .model.layers import GPT2MLP, SwiGLU
 from .model.moe import MoE
 from .model.transformer import DecoderLayer, GPT2Block, MTPLayer
+from .modeling import Model
 from .mup import param_groups
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "block", "logits")

@@ -232,7 +232,7 @@ class FP8GroupedMM(torch.autograd.Function):
 class Precision:
     """The precision recipe of a model's projections and routed experts ("plain" or "fp8").
 
-    One object per model (set by `Model.set_precision`), consulted by every `layers.Linear.base_forward` and by
+    One object per model (set by `Model.set_precision`), consulted by every `linear.Linear.base_forward` and by
     the experts' grouped GEMMs. `quantize=False` keeps the FP8 code path with identity quantizers (gradcheck).
     """
 

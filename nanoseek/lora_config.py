@@ -2,8 +2,8 @@
 
 What. Plain dataclasses that validate their fields and compute per-target rank and scale. lora.py builds the
 adapters from them; peft_format.py turns them into `adapter_config.json` and back.
-Why a module of its own: lora.py (the modules, the per-row path, merge) and peft_format.py (the on-disk layout)
-both need the configs, and neither should import the other's internals for it.
+Why a module of its own: lora.py (targets, merge), model/linear.py (the adapter state) and peft_format.py (the
+on-disk layout) all need the configs, and it imports nothing, so the model can use it without importing lora.py.
 Rejected: one config class with a `peft_type` switch — VeRA's fields (shared projections, `d_initial`) mean
 nothing to LoRA and the reverse; PEFT keeps them apart too.
 """

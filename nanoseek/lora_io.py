@@ -3,8 +3,8 @@
 What. `save_adapter` writes `adapter_config.json` + `adapter_model.safetensors` as peft 0.21 (transformers 5)
 loads them on the exported base; `read_adapter` / `load_adapter` read what peft or nanoseek (any version) wrote;
 `copy_adapter_weights_` overwrites an adapter in place for `finetune --resume`. The names and the config fields are
-in peft_format.py; the adapters themselves in lora.py.
-Why its own module: lora.py is the compute (modules, per-row path, merge); this is file handling and validation.
+in peft_format.py; the adapters themselves in model/linear.py (state, forward) and lora.py (targets, merge).
+Why its own module: lora.py adds and merges adapters; this is file handling and validation.
 Rejected: writing what peft cannot load and warning about it (the old dense-MLP layout on DeepseekV3): the
 defaults now leave out what peft cannot express (lora.resolve_targets) and write the rest in a layout peft reads.
 """
@@ -16,12 +16,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from .checkpoint import atomic_directory
+from .fileio import atomic_directory
 from .lora import (
-    LinearAdapters,
     LoraConfig,
-    LoraLinear,
     VeraConfig,
     _disk_path,
     _memory_path,
@@ -33,6 +32,7 @@ from .lora import (
     vera_dims,
 )
 from .lora_variants import vera_projections
+from .model.linear import Linear, LinearAdapters
 from .peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -97,7 +97,7 @@ def peft_config_dict(model, name: str, base_model_name_or_path: str | None = Non
     if isinstance(cfg, VeraConfig):  # the shared pair's size depends on the set peft selects: make it ours exactly
         paths = sorted(p for _, p in owners)
         leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-        peft_set = {p for p, (m, proj) in candidates(model).items() if isinstance(m, LoraLinear) and
+        peft_set = {p for p, (m, proj) in candidates(model).items() if isinstance(m, Linear) and
                     not p.startswith("mtp.") and p.rsplit(".", 1)[-1] in leaves}
         targets = leaves if peft_set == set(paths) else [_disk_path(model, p) for p in paths]
         return vera_config_dict(cfg, targets, base_model_name_or_path, fan_in_fan_out)
@@ -107,7 +107,7 @@ def peft_config_dict(model, name: str, base_model_name_or_path: str | None = Non
         leaf = p.rsplit(".", 1)[-1]
         if not isinstance(m, LinearAdapters):
             params |= {f"experts.{proj}" for proj in m.lora_A[name]}
-        elif not isinstance(m, LoraLinear):
+        elif not isinstance(m, Linear):
             params.add("gate.weight")  # the router (peft's own name for it)
         elif dsv3 and leaf in MLP_LEAVES:
             params.add(f"{p.rsplit('.', 2)[-2]}.{leaf}.weight")  # mlp.gate_proj.weight, shared_experts.up_proj.weight
@@ -116,11 +116,18 @@ def peft_config_dict(model, name: str, base_model_name_or_path: str | None = Non
     return lora_config_dict(cfg, sorted(modules), sorted(params), base_model_name_or_path, fan_in_fan_out)
 
 
+def write_adapter(model, name: str, directory: Path, base_model_name_or_path: str | None = None,
+                  tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors of adapter `name` into an existing `directory`; `tensors`:
+    its PEFT tensors when the caller gathered them (expert parallelism), else the model's own."""
+    config = peft_config_dict(model, name, base_model_name_or_path)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = adapter_state_dict(model, name) if tensors is None else tensors
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
 def save_adapter(model, path, name: str, base_model_name_or_path: str | None = None) -> Path:
     """Write adapter `name` as a PEFT directory (LoRA/DoRA or VeRA), atomically (temp dir + rename)."""
-    from safetensors.torch import save_file
-
-    tensors = adapter_state_dict(model, name)
     config = peft_config_dict(model, name, base_model_name_or_path)
     cfg = model.lora_context.configs[name]
     lost = sorted({p for _, p in _owners(model, name) if peft_cannot_load(model, p, cfg)})
@@ -132,12 +139,7 @@ def save_adapter(model, path, name: str, base_model_name_or_path: str | None = N
         warnings.warn(f"adapter {name!r}: lora_dropout is written as 0 (peft's parameter wrapper, used for the "
                       f"{config['target_parameters']} targets, refuses dropout; it does not change the logits)",
                       stacklevel=3)
-
-    def fill(tmp: Path):
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-    return atomic_directory(path, fill)
+    return atomic_directory(path, lambda tmp: write_adapter(model, name, tmp, base_model_name_or_path))
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], Path]:
@@ -273,3 +275,4 @@ def copy_adapter_weights_(model, name: str, path) -> None:
                              f"{[(k, tuple(t.shape)) for k, t in have[p].items()]}")
         for k, t in f.items():
             have[p][k].copy_(t)
+    model.lora_context.changed()

@@ -10,7 +10,7 @@ What.
   VeRA (Kopiczko et al. 2024): vera_A (r, in_max), vera_B (out_max, r) drawn with PEFT's `_kaiming_init` from one
   CPU torch.Generator seeded with projection_prng_key, A first, then B (the same numbers PEFT draws).
   A VeRA target is the LoRA with A_eff = lambda_d[:, None] * A[:, :in], B_eff = lambda_b[:, None] * B[:out], gamma 1.
-Why here: lora.py holds the modules and the per-row path; these formulas are what must match PEFT, kept short
+Why here: model/linear.py holds the modules and the per-row path; these formulas are what must match PEFT, kept short
   and testable on their own.
 Rejected: DoRA with a non-detached norm (the paper shows equal accuracy and it costs the memory of V's graph);
   generating VeRA's projections on the model's device (a CUDA generator draws different numbers than PEFT's CPU one).

@@ -46,6 +46,9 @@ Width-independent multipliers (TP5 section 7.3 tunes these on the proxy with the
 Weight decay follows MuAdam (wd * m_in for hidden matrices, so the decoupled decay lr*wd does not change with
 width).
 
+Where the rules live: the model applies its half (width multipliers, m_in, the muP init) from
+model/parametrization.py, re-exported here; this module adds the optimizer groups and the export folding.
+
 Export: `output_multiplier` is folded into lm_head on save (a tied head is written untied), so a muP
 checkpoint is a standard HF model; loading it into nanoseek unfolds it again (checkpoint.py).
 """
@@ -56,57 +59,16 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-
-
-def width_multiplier(cfg: ModelConfig) -> float:
-    """m = hidden_size / mup_base_width (1.0 under the standard parametrization)."""
-    return 1.0 if cfg.mup_base_width is None else cfg.hidden_size / cfg.mup_base_width
-
-
-def output_multiplier(cfg: ModelConfig) -> float:
-    """The factor on the logits: alpha_out / m under muP, alpha_out otherwise (alpha_out defaults to 1)."""
-    return cfg.readout_multiplier / width_multiplier(cfg)
-
-
-def base_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the base-width model (built on the meta device: no memory)."""
-    from .model import Model
-
-    base = Model(cfg.with_width(cfg.mup_base_width).replace(mup_base_width=None), device="meta")
-    return {n: tuple(p.shape) for n, p in base.named_parameters(remove_duplicate=False)}
-
-
-def fan_in_multipliers(model: nn.Module) -> dict[str, float]:
-    """name -> m_in = fan_in / base fan_in for every parameter (1.0 for vectors, embeddings, the head, SP)."""
-    cfg: ModelConfig = model.config
-    out = dict.fromkeys((n for n, _ in model.named_parameters(remove_duplicate=False)), 1.0)
-    if cfg.mup_base_width is None:
-        return out
-    base = base_shapes(cfg)
-    embeddings = embedding_names(model)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.dim() < 2 or name in embeddings or name == "lm_head.weight" or name not in base:
-            continue  # (not in base: LoRA factors, which keep the base learning rate)
-        out[name] = p.shape[-1] / base[name][-1]
-    return out
-
-
-def embedding_names(model: nn.Module) -> set[str]:
-    """Parameter names of the embedding tables (wte, wpe, embed_tokens)."""
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-
-
-def query_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The weight rows that produce attention queries: GPT-2 c_attn[:H] (and its bias), MLA q_b_proj / q_proj."""
-    cfg: ModelConfig = model.config
-    out = []
-    for name, p in model.named_parameters():
-        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
-            out.append(p[: cfg.hidden_size])  # (H, H) / (H,): c_attn is [q; k; v]
-        elif name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
-            out.append(p)
-    return out
-
+from .model.parametrization import (  # noqa: F401  (the model's half of muP, re-exported under its old names)
+    base_shapes,
+    embedding_names,
+    fan_in_multipliers,
+    mup_init,
+    output_multiplier,
+    query_weights,
+    rescale_init,
+    width_multiplier,
+)
 
 QUERY_KEYS = ("attn.c_attn.weight", "attn.c_attn.bias", "self_attn.q_b_proj.weight", "self_attn.q_proj.weight")
 
@@ -121,28 +83,6 @@ def scale_queries(cfg: ModelConfig, sd: dict[str, torch.Tensor], factor: float) 
             (t[: cfg.hidden_size] if ".c_attn." in key else t).mul_(factor)  # c_attn is [q; k; v]
             out[key] = t
     return out
-
-
-@torch.no_grad()
-def mup_init(model: nn.Module) -> None:
-    """After the standard init: muP's 1/sqrt(m_in) rescaling (muP only), then the zero-init switches."""
-    cfg: ModelConfig = model.config
-    if cfg.mup_base_width is not None:
-        rescale_init(model)
-    if cfg.zero_init_query:
-        for w in query_weights(model):
-            w.zero_()
-    if cfg.zero_init_readout:
-        model.lm_head.weight.zero_()
-
-
-@torch.no_grad()
-def rescale_init(model: nn.Module) -> None:
-    """Turn the standard init (constant std) into muP's: hidden matrices get std / sqrt(m_in)."""
-    mults = fan_in_multipliers(model)
-    for name, p in model.named_parameters():
-        if mults[name] != 1.0:
-            p.mul_(mults[name] ** -0.5)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

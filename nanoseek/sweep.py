@@ -28,6 +28,7 @@ import random
 from pathlib import Path
 
 from .train.config import TrainConfig
+from .train.trainer import TrainingDiverged, train
 
 # record key -> TrainConfig field; None in a record = the model's default
 HPARAMS = {"init": "initializer_range", "emb": "embedding_multiplier", "out": "readout_multiplier",
@@ -48,8 +49,6 @@ def run(base: TrainConfig, param: str, width: int, seed: int, lr: float, hp: dic
         base_width: int, steps: int | None = None) -> dict:
     """One pretraining run (reused if its result.json exists): a record with param, width, seed, lr, steps,
     every HPARAMS key (None = default), val_loss, train_loss, diverged, seconds."""
-    from .train.trainer import TrainingDiverged, train
-
     steps = steps or base.max_steps
     hp = {k: hp.get(k) for k in HPARAMS}
     run_dir = Path(out_dir) / "runs" / run_name(param, width, seed, lr, hp, steps)

@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import IGNORE_INDEX
 from .corpus import Corpus, load_corpus, read_jsonl_objects
 from .tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = "<|{role}|>\n{content}"  # + "\n" after system/user, + EOS after assistant
 CHAT_TEMPLATE_JINJA = (  # newlines as {{ '\n' }}: transformers renders with trim_blocks, which eats "\n" after a tag

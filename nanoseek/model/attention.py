@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, Rotary, linear, softmax_scale
+from .layers import RMSNorm, Rotary, softmax_scale
+from .linear import linear
 
 
 class KVCache:
@@ -132,7 +133,8 @@ class MLA(nn.Module):
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_rank = cfg.kv_lora_rank
         qk = cfg.qk_head_dim
-        if cfg.q_lora_rank is None:
+        self.has_q_lora = cfg.has_q_lora
+        if not self.has_q_lora:
             self.q_proj = linear(cfg.hidden_size, self.n_head * qk)
         else:
             self.q_a_proj = linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
@@ -149,7 +151,7 @@ class MLA(nn.Module):
                 cache: KVCache | None = None, absorb: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_head
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
         q = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)  # (B, H, T, nope + rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)  # (B, T, r), (B, T, dr)

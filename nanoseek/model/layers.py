@@ -1,8 +1,7 @@
 """Building blocks: norms, rotary embeddings (default and YaRN), the dense MLPs.
 
-Every projection is made by `linear()`: the one linear type that the FP8 path replaces in place and LoRA
-extends, with the parameter names Hugging Face uses (`weight`, `bias`). It is a `lora.LoraLinear`, an
-`nn.Linear` that can also hold named LoRA adapters (nothing changes while it holds none).
+Every projection is made by `linear.linear()`: the one `Linear` type, whose base product follows the model's
+precision recipe and which can hold named LoRA adapters (linear.py), with Hugging Face's parameter names.
 
 RoPE follows HF DeepseekV3 exactly: with `rope_interleave` the rotated dimensions are read as interleaved
 pairs (x0, x1), (x2, x3), ... and written back de-interleaved ([evens, odds]); queries and keys get the same
@@ -19,28 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..fp8 import FP8, PLAIN, Precision
-from ..lora import LoraLinear
-
-
-class Linear(LoraLinear):
-    """The projection type: a LoraLinear whose base product follows the model's precision recipe (fp8.py).
-
-    `precision` is set per model by `Model.set_precision`; parameter names and the state dict are unchanged.
-    A frozen FP8 base (`precision.quantize_base`) holds `weight` as float8_e4m3fn (N, K) plus the buffer
-    `weight_scale_inv` (ceil(N/128), ceil(K/128)), DeepSeek's release names.
-    """
-
-    precision: Precision = PLAIN
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == FP8:  # a frozen FP8 base
-            return self.precision.frozen_linear(x, self.weight, self.weight_scale_inv, self.bias)
-        return self.precision.linear(x, self.weight, self.bias)
-
-
-def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    return Linear(in_features, out_features, bias=bias)
+from .linear import Linear, linear  # noqa: F401  (Linear: old import path, kept)
 
 
 class RMSNorm(nn.Module):

@@ -10,7 +10,7 @@ Routing, for token t with hidden h_t (all in fp32):
 No token is dropped: every token reaches its k experts.
 
 Routed experts are stacked weights (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), HF's in-memory layout)
-run by `grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
+run by `linear.grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
 every expert's rows (`torch._grouped_mm`; a padded batched matmul where that kernel is unavailable). There
 is no Python loop over experts. On disk the experts are per-expert HF keys (see checkpoint.py). Under expert
 parallelism (`Experts.ep` set, see expert_parallel.py) a rank holds E/N of them and tokens are dispatched to them.
@@ -29,50 +29,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..fp8 import PLAIN, Precision
-from ..lora import LinearAdapters, expert_delta
 from .layers import SwiGLU, activation
-
-
-def _native_grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
-        return False
-    # both kernels need 16-byte aligned rows: K and N a multiple of 4 (fp32) or 8 (bf16) elements
-    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
-        return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # inductor's lowering of _grouped_mm takes bf16 only (eager also runs fp32 on CPU)
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
-    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9  # sm90+
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by group times each group's matrix.
-
-    x (M, K) with rows of group e in [offs[e-1], offs[e]); w (E, K, N); offs (E,) int32 cumulative ends.
-    Returns (M, N). This is the one grouped-matmul entry point that FP8 and LoRA extend.
-    """
-    if _native_grouped_ok(x, w):
-        return torch._grouped_mm(x, w, offs=offs)
-    return _padded_grouped_mm(x, w, offs)
-
-
-def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Fallback: scatter rows into an (E, C, K) buffer (C = largest group), one bmm, gather back."""
-    E = w.shape[0]
-    offs = offs.long()
-    counts = torch.diff(offs, prepend=offs.new_zeros(1))
-    group = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # (M,)
-    slot = torch.arange(x.shape[0], device=x.device) - (offs - counts)[group]  # row within its group
-    C = int(counts.max()) if x.shape[0] else 0
-    buf = x.new_zeros(E, C, x.shape[1])
-    buf[group, slot] = x
-    return torch.bmm(buf, w)[group, slot]
+from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm
 
 
 class Gate(nn.Module, LinearAdapters):
     """The router (HF `mlp.gate`): weight (E, H), fp32 bias buffer `e_score_correction_bias` (E,); it can carry a
-    LoRA on its weight (peft's all-linear targets `mlp.gate.weight`; see lora.py)."""
+    LoRA on its weight (peft's all-linear targets `mlp.gate.weight`; see linear.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,11 +78,11 @@ class Gate(nn.Module, LinearAdapters):
         return logits, scores, idx, weights * self.scaling
 
 
-class Experts(nn.Module):
+class Experts(nn.Module, ExpertAdapters):
     """Stacked routed experts (HF `mlp.experts`): gate_up_proj (E, 2I, H), down_proj (E, H, I).
 
-    LoRA (see lora.py): `lora_A[adapter][proj]` (E, r, in), `lora_B[adapter][proj]` (E, out, r) per projection,
-    applied on the sorted token copies with the same grouped GEMM. `precision` (fp8.py, set per model by
+    LoRA (linear.ExpertAdapters): `lora_A[adapter][proj]` (E, r, in), `lora_B[adapter][proj]` (E, out, r) per
+    projection, applied on the sorted token copies with the same grouped GEMM. `precision` (fp8.py, set per model by
     `Model.set_precision`) runs the two base grouped GEMMs (FP8 or plain); the LoRA terms stay plain.
     """
 
@@ -131,9 +94,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(cfg.hidden_act)
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()  # adapter -> {proj: factor}
-        self.lora_scale: dict[str, dict[str, float]] = {}
-        self.lora_ctx = None
+        self.init_adapters()  # LoRA: lora_A / lora_B / lora_scale per adapter and projection (linear.py)
         self.ep = None  # an expert_parallel.ExpertGroup when this rank holds a shard of the experts
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -184,7 +145,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, H)
         logits, scores, idx, weights = self.gate(flat)
         y = self.experts(flat, idx, weights).view(B, T, H)
-        if hasattr(self, "shared_experts"):
+        if self.cfg.n_shared_experts:
             y = y + self.shared_experts(x)
         load = torch.bincount(idx.flatten(), minlength=self.gate.n_experts).detach()
         loss = self.balance_loss(logits, scores, idx, B, T) if want_loss else None

@@ -1,6 +1,6 @@
 """Selecting a model's precision recipe at run time: `set_precision(model, "fp8")` (also `Model.set_precision`).
 
-What. One `fp8.Precision` object is attached to every projection made by `layers.linear()` (attention
+What. One `fp8.Precision` object is attached to every projection made by `linear.linear()` (attention
 projections, dense MLPs, shared experts, MTP's eh_proj) and to every routed `Experts`; the embedding, lm_head,
 router gate, norms and the attention core keep their own precision (V3 report section 3.3.1). Parameter
 names, the state dict and checkpoints do not change, and "plain" restores the exact original computation.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..fp8 import FP8, Precision, quantize_blocks
-from .layers import Linear
+from .linear import Linear
 from .moe import Experts
 
 

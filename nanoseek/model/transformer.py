@@ -12,9 +12,13 @@ the main model's last block output, before the final norm) with the embedding of
 and predicts t_{i+k+1}. Sequences keep their length T (the last k positions have no target and are ignored),
 so shapes stay static. Loss = CE_main + lambda/D * sum_k CE_k + balance loss.
 
-LoRA (lora.py): every projection is a LoraLinear and the routed experts carry adapters too; `forward(...,
+LoRA (linear.py): every projection is a `Linear` and the routed experts carry adapters too; `forward(...,
 adapter=)` runs the base, one named adapter, or one adapter per row, through `lora_context` (set for the duration
 of the forward). Adapter tensors are excluded from `state_dict()`: save them with `save_adapter` (PEFT format).
+
+Layering: `CausalLM` is the network and imports nothing above model/. The public `nanoseek.Model` (modeling.py)
+is a CausalLM plus the methods that need the rooms above it: `from_pretrained` / `save_pretrained`
+(checkpoint.py) and adapter management and PEFT I/O (lora.py, lora_io.py).
 
 Statistics come out as data: `ModelOutput.expert_load` (n_moe_layers, E) token counts of this forward. In
 training mode the model also sums them into `expert_load_accum` until `update_router_bias` consumes them, so
@@ -29,17 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import lora, lora_io
-from ..config import ModelConfig
-from ..mup import mup_init, output_multiplier
+from ..config import IGNORE_INDEX, ModelConfig
 from . import decoding
 from .attention import MLA, GPT2Attention, KVCache
-from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU, linear
+from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU
+from .linear import LoraContext, drop_lora_from_state_dict, ignore_missing_lora, linear
 from .moe import MoE
+from .parametrization import mup_init, output_multiplier
 from .precision import set_precision
 from .sampling import check_sampling
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -132,7 +134,7 @@ class GPT2Backbone(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
-class Model(nn.Module):
+class CausalLM(nn.Module):
     """A GPT-2 or DeepSeek-V3 causal LM. Built on the meta device, then materialised and `init_weights()`-ed.
 
     `device="meta"` keeps it unmaterialised (for counting the 671B model).
@@ -150,68 +152,24 @@ class Model(nn.Module):
                 self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.expert_load_accum: torch.Tensor | None = None  # (n_moe_layers, E) fp32, summed in training
-        self.lora_context = lora.LoraContext()  # the adapters and which one this forward runs (lora.py)
-        self._register_state_dict_hook(lora.drop_lora_from_state_dict)  # adapters: save_adapter only
-        self.register_load_state_dict_post_hook(lora.ignore_missing_lora)
+        self.lora_context = LoraContext()  # the adapters and which one this forward runs (linear.py)
+        self._register_state_dict_hook(drop_lora_from_state_dict)  # adapters: save_adapter only
+        self.register_load_state_dict_post_hook(ignore_missing_lora)
         self.tie_weights()
         if str(device) != "meta":
             self.to_empty(device=device or "cpu")
             self.init_weights()
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> Model:
-        """Load a Hugging Face model directory (written by nanoseek or transformers; safetensors only)."""
-        from ..checkpoint import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype)
-
-    def save_pretrained(self, path, dtype=None, tokenizer=None, **kwargs):
-        """Write a Hugging Face model directory atomically (see checkpoint.save_pretrained)."""
-        from ..checkpoint import save_pretrained
-
-        return save_pretrained(self, path, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ precision recipe (fp8.py) [fp8 branch]
     def set_precision(self, name: str = "plain", quantize: bool = True, pow2: bool = False):
         """Run the projections and routed experts in `name` ("plain" or "fp8"); see model/precision.py."""
         return set_precision(self, name, quantize=quantize, pow2=pow2)
 
-    # ------------------------------------------------------------------ LoRA adapters (lora.py)
+    # ------------------------------------------------------------------ LoRA adapters (modeling.py, lora.py)
     @property
     def adapters(self) -> list[str]:
         """Adapter names in creation order (the default per-row index space)."""
         return list(self.lora_context.configs)
-
-    def add_adapter(self, name: str, config: lora.LoraConfig | lora.VeraConfig | None = None) -> None:
-        """Create adapter `name` on the weights `config.target_modules` selects (frozen until trainable_adapter)."""
-        lora.add_adapter(self, name, config)
-
-    def delete_adapter(self, name: str) -> None:
-        lora.delete_adapter(self, name)
-
-    def trainable_adapter(self, name: str | None) -> list[nn.Parameter]:
-        """Only adapter `name`'s A/B require grad (None: the base does, adapters don't); returns them."""
-        return lora.trainable_adapter(self, name)
-
-    def merge_adapter(self, name: str) -> None:
-        """W += gamma B A; afterwards model(x) runs the adapter (and adapter=name too)."""
-        lora.merge_adapter(self, name)
-
-    def unmerge_adapter(self, name: str) -> None:
-        lora.unmerge_adapter(self, name)
-
-    def merge_and_unload(self, name: str) -> None:
-        """Fold adapter `name` into the weights for good and remove it (a new plain base)."""
-        lora.merge_and_unload(self, name)
-
-    def save_adapter(self, path, name: str, base_model_name_or_path: str | None = None):
-        """Write adapter `name` as a PEFT directory (adapter_config.json + adapter_model.safetensors)."""
-        return lora_io.save_adapter(self, path, name, base_model_name_or_path)
-
-    def load_adapter(self, path, name: str) -> lora.LoraConfig | lora.VeraConfig:
-        """Read a PEFT LoRA / DoRA / VeRA directory (written by nanoseek or peft) as adapter `name`."""
-        return lora_io.load_adapter(self, path, name)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -220,6 +178,12 @@ class Model(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (FSDP units): DeepSeek-V3's layers then its MTP modules, or GPT-2's h."""
+        if self.config.model_type == "gpt2":
+            return list(self.transformer.h)
+        return [*self.model.layers, *self.mtp]
 
     def embedding(self) -> nn.Embedding:
         return self.transformer.wte if self.config.model_type == "gpt2" else self.model.embed_tokens
@@ -255,7 +219,7 @@ class Model(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
+                if isinstance(m, nn.LayerNorm):  # RMSNorm has no bias
                     nn.init.zeros_(m.bias)
             elif isinstance(m, MoE):
                 nn.init.normal_(m.gate.weight, 0.0, std)
@@ -270,11 +234,12 @@ class Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 absorb: bool = True, return_output: bool = False, adapter: str | torch.Tensor | None = None,
                 adapter_names: list[str] | None = None):
-        """input_ids (B, T) -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> ModelOutput with losses.
+        """input_ids (B, T) -> logits (B, T, V); with targets (B, T) (IGNORE_INDEX: skipped) -> ModelOutput with
+        losses.
 
         With a KVCache, the T tokens are appended to each row of the cache at that row's own position.
         adapter: None (the base), an adapter name, or a (B,) long tensor of per-row indices into adapter_names
-        (default: self.adapters), -1 = the base for that row (see lora.py).
+        (default: self.adapters), -1 = the base for that row (see linear.py).
         """
         with self.lora_context.use(adapter, adapter_names, input_ids.shape[0]):
             return self._forward(input_ids, targets, cache, absorb, return_output)
@@ -450,7 +415,7 @@ class Model(nn.Module):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean CE over targets != -100 (fp32); 0, not NaN, when a batch has no target at all."""
+    """Mean CE over targets != IGNORE_INDEX (fp32); 0, not NaN, when a batch has no target at all."""
     total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -28,9 +28,9 @@ import torch
 
 from ..data import Tokenizer
 from ..lora import adapter_parameters
-from ..model import Model
 from ..model.decoding import check_speculative
 from ..model.transformer import ModelOutput
+from ..modeling import Model
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .paged_cache import KVPool, PagedCache, block_tables

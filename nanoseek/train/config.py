@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS, ROUTER_BALANCE, ModelConfig
+from .flags import flag
 from .optim import SCHEDULES
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -32,64 +29,65 @@ class TrainConfig:
     """A pretraining run. See `nanoseek pretrain --help` for each field."""
 
     # model
-    preset: str = _f("dsv3-tiny", f"model preset, one of {sorted(PRESETS)}")
-    model_config: str | None = _f(None, "a config.json (HF keys) giving the full ModelConfig; overrides --preset")
-    hidden_size: int | None = _f(None, "rescale the model to this width (ModelConfig.with_width)")
-    mup_base_width: int | None = _f(None, "turn muP on with this base width (hyperparameters tuned at that width "
+    preset: str = flag("dsv3-tiny", f"model preset, one of {sorted(PRESETS)}", choices=sorted(PRESETS))
+    model_config: str | None = flag(None, "a config.json (HF keys) giving the full ModelConfig; overrides --preset")
+    hidden_size: int | None = flag(None, "rescale the model to this width (ModelConfig.with_width)")
+    mup_base_width: int | None = flag(None, "turn muP on with this base width (hyperparameters tuned at that width "
                                           "transfer); None: standard parametrization")
-    initializer_range: float | None = _f(None, "override the init std (sigma of the init table)")
-    embedding_multiplier: float | None = _f(None, "override the input-embedding multiplier (muP's alpha_emb)")
-    readout_multiplier: float | None = _f(None, "override the logit multiplier (muP's alpha_out)")
-    attention_multiplier: float | None = _f(None, "override the attention-logit multiplier (muP's alpha_attn)")
-    embedding_lr_multiplier: float | None = _f(None, "override the embedding tables' Adam lr factor")
-    zero_init_query: bool | None = _f(None, "override: start the query projections at 0")
-    zero_init_readout: bool | None = _f(None, "override: start an untied lm_head at 0")
-    num_hidden_layers: int | None = _f(None, "override the model's num_hidden_layers")
-    mtp_loss_weight: float | None = _f(None, "override lambda of the MTP loss (0 turns MTP training off)")
-    router_balance: str | None = _f(None, f"override MoE balancing, one of {ROUTER_BALANCE}")
-    aux_loss_alpha: float | None = _f(None, "override alpha of the balance loss")
-    topk_group: int | None = _f(None, "override topk_group: expert groups (nodes) a token may use; n_group turns "
+    initializer_range: float | None = flag(None, "override the init std (sigma of the init table)")
+    embedding_multiplier: float | None = flag(None, "override the input-embedding multiplier (muP's alpha_emb)")
+    readout_multiplier: float | None = flag(None, "override the logit multiplier (muP's alpha_out)")
+    attention_multiplier: float | None = flag(None, "override the attention-logit multiplier (muP's alpha_attn)")
+    embedding_lr_multiplier: float | None = flag(None, "override the embedding tables' Adam lr factor")
+    zero_init_query: bool | None = flag(None, "override: start the query projections at 0")
+    zero_init_readout: bool | None = flag(None, "override: start an untied lm_head at 0")
+    num_hidden_layers: int | None = flag(None, "override the model's num_hidden_layers")
+    mtp_loss_weight: float | None = flag(None, "override lambda of the MTP loss (0 turns MTP training off)")
+    router_balance: str | None = flag(None, f"override MoE balancing, one of {ROUTER_BALANCE}")
+    aux_loss_alpha: float | None = flag(None, "override alpha of the balance loss")
+    topk_group: int | None = flag(None, "override topk_group: expert groups (nodes) a token may use; n_group turns "
                                       "node-limited routing off")
     # data
-    data: str = _f("stdlib", "corpus: 'stdlib' (built-in), a directory, a .jsonl or a text file")
-    vocab_size: int | None = _f(None, "tokenizer/model vocabulary size (default: the preset's)")
-    seq_len: int = _f(256, "tokens per training sequence")
-    batch_size: int = _f(16, "sequences per micro-batch per rank")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = batch_size*world*grad_accum)")
+    data: str = flag("stdlib", "corpus: 'stdlib' (built-in), a directory, a .jsonl or a text file")
+    vocab_size: int | None = flag(None, "tokenizer/model vocabulary size (default: the preset's)")
+    seq_len: int = flag(256, "tokens per training sequence")
+    batch_size: int = flag(16, "sequences per micro-batch per rank")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (global batch = batch_size*world*grad_accum)")
     # optimisation
-    max_steps: int = _f(200, "optimizer steps")
-    lr: float = _f(3e-3, "peak learning rate")
-    min_lr_ratio: float = _f(0.1, "final lr as a fraction of --lr")
-    warmup_steps: int = _f(20, "linear warmup steps")
-    schedule: str = _f("cosine", f"lr schedule, one of {SCHEDULES}")
-    decay_frac: float = _f(0.2, "wsd: fraction of steps spent decaying at the end")
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices and embeddings only)")
-    bf16_moments: bool = _f(False, "keep AdamW's moments m and v in bf16 (DeepSeek-V3 section 3.3.3); the update "
+    max_steps: int = flag(200, "optimizer steps")
+    lr: float = flag(3e-3, "peak learning rate")
+    min_lr_ratio: float = flag(0.1, "final lr as a fraction of --lr")
+    warmup_steps: int = flag(20, "linear warmup steps")
+    schedule: str = flag("cosine", f"lr schedule, one of {SCHEDULES}")
+    decay_frac: float = flag(0.2, "wsd: fraction of steps spent decaying at the end")
+    weight_decay: float = flag(0.1, "AdamW weight decay (matrices and embeddings only)")
+    bf16_moments: bool = flag(False, "keep AdamW's moments m and v in bf16 (DeepSeek-V3 section 3.3.3); the update "
                                    "is fp32")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    bias_update_gamma: float = _f(0.001, "aux-loss-free router bias step gamma")
-    bias_update_stop_frac: float = _f(0.1, "gamma becomes 0 for this last fraction of steps (V3: 0.1)")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
+    bias_update_gamma: float = flag(0.001, "aux-loss-free router bias step gamma")
+    bias_update_stop_frac: float = flag(0.1, "gamma becomes 0 for this last fraction of steps (V3: 0.1)")
     # evaluation, checkpoints, logging
-    eval_every: int = _f(100, "validate every N steps (and at the end); 0: only at the end")
-    eval_batches: int | None = _f(20, "validation batches per evaluation (None: the whole val split)")
-    save_every: int = _f(0, "checkpoint every N steps (and at the end); 0: only at the end")
-    keep_last: int = _f(2, "checkpoints to keep")
-    out_dir: str = _f("out/pretrain", "run directory: metrics.jsonl, plots, checkpoints/")
-    resume: str | None = _f(None, "'latest' (newest complete checkpoint in out_dir) or a checkpoint path")
-    log_every: int = _f(10, "print a line every N steps when stdout is not a terminal")
-    tensorboard: bool = _f(False, "also write TensorBoard events to out_dir/tb (needs the tensorboard package)")
-    plots: bool = _f(True, "write PNG plots to out_dir at each evaluation and at the end")
+    eval_every: int = flag(100, "validate every N steps (and at the end); 0: only at the end")
+    eval_batches: int | None = flag(20, "validation batches per evaluation (None: the whole val split)")
+    save_every: int = flag(0, "checkpoint every N steps (and at the end); 0: only at the end")
+    keep_last: int = flag(2, "checkpoints to keep")
+    out_dir: str = flag("out/pretrain", "run directory: metrics.jsonl, plots, checkpoints/")
+    resume: str | None = flag(None, "'latest' (newest complete checkpoint in out_dir) or a checkpoint path; bare "
+                                    "flag = latest", const="latest")
+    log_every: int = flag(10, "print a line every N steps when stdout is not a terminal")
+    tensorboard: bool = flag(False, "also write TensorBoard events to out_dir/tb (needs the tensorboard package)")
+    plots: bool = flag(True, "write PNG plots to out_dir at each evaluation and at the end")
     # system
-    seed: int = _f(1337, "seed for init, data order and dropout")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
-    compile: bool = _f(False, "torch.compile the model")
-    fp8: bool = _f(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "
+    seed: int = flag(1337, "seed for init, data order and dropout")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N")
+    dtype: str = flag("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
+    compile: bool = flag(False, "torch.compile the model")
+    fp8: bool = flag(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "
                           "weight blocks, E4M3, fp32 accumulation; emulated on CPU); checkpoints stay fp32")
-    fsdp: bool = _f(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
-    expert_parallel: int = _f(1, "under torchrun: spread the routed experts over groups of N ranks (N divides "
+    fsdp: bool = flag(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
+    expert_parallel: int = flag(1, "under torchrun: spread the routed experts over groups of N ranks (N divides "
                                  "the world size and n_routed_experts); 1: every rank holds every expert")
-    cache_dir: str | None = _f(None, "tokenizer/token cache (default $NANOSEEK_CACHE or ~/.cache/nanoseek)")
+    cache_dir: str | None = flag(None, "tokenizer/token cache (default $NANOSEEK_CACHE or ~/.cache/nanoseek)")
 
     def __post_init__(self):
         self.validate()

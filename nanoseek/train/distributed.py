@@ -52,14 +52,6 @@ class Dist:
         if self.enabled:
             tdist.barrier()
 
-    def broadcast_object(self, obj):
-        """rank 0's `obj` on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Start the process group when launched by torchrun; returns (Dist, this rank's device)."""
@@ -75,6 +67,15 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=None)
     return d, dev
+
+
+def distributed_run(body, cfg):
+    """body(cfg, dist, device) between init_distributed(cfg.device) and shutdown_distributed (also on error)."""
+    d, device = init_distributed(cfg.device)
+    try:
+        return body(cfg, d, device)
+    finally:
+        shutdown_distributed()
 
 
 def shutdown_distributed() -> None:
@@ -97,8 +98,7 @@ def wrap_model(model: nn.Module, d: Dist, device: torch.device, fsdp: bool = Fal
 
         # every block is its own unit: main layers, and MTP modules (which use all their parameters inside
         # their own forward); embedding, final norm and head stay in the root unit
-        blocks = list(getattr(getattr(model, "model", None), "layers", [])) + list(getattr(model, "mtp", []))
-        for block in blocks or getattr(getattr(model, "transformer", None), "h", []):
+        for block in model.blocks():
             fully_shard(block)
         fully_shard(model)
         return model

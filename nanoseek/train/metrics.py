@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..accounting import model_stats
+
 # Dense bf16 tensor-core peak FLOP/s by substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (
     ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
@@ -41,20 +43,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def flops_per_token(cfg, seq_len: int) -> tuple[float, str]:
     """Training FLOPs per token (forward + backward) and where the number came from."""
-    try:
-        from ..accounting import model_stats
-
-        return float(model_stats(cfg, seq_len)["flops_per_token"]), "accounting.model_stats"
-    except ImportError:
-        from ..model import Model
-
-        m = Model(cfg, device="meta")
-        n = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
-        if cfg.model_type == "deepseek_v3" and cfg.has_moe:  # only top-k of the routed experts are active
-            per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-            n_moe = sum(1 for _ in m.moe_layers())
-            n -= n_moe * per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
-        return 6.0 * n, "6 * active params (nanoseek.accounting not importable)"
+    return float(model_stats(cfg, seq_len)["flops_per_token"]), "accounting.model_stats"
 
 
 def max_vio(load: torch.Tensor) -> torch.Tensor:

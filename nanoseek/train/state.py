@@ -1,6 +1,6 @@
 """Training checkpoints: a HF model directory plus `trainer_state/`, written atomically; exact resume.
 
-Layout of out_dir/checkpoints/step-{N:07d}/ (one atomic rename, see checkpoint.atomic_directory):
+Layout of out_dir/checkpoints/step-{N:07d}/ (one atomic rename, see fileio.atomic_directory):
     config.json, model.safetensors, tokenizer.json ...   the model, loadable by transformers
     trainer_state/optimizer.pt     optimizer.state_dict() (tensors + plain types; loaded weights_only=True)
     trainer_state/rng.pt           python / numpy / torch CPU / CUDA RNG states (weights_only-loadable)
@@ -12,18 +12,17 @@ saved tensors into it with load_state_dict (so optimizer state binds to the same
 keeps every later loss bit-identical on CPU. Rejected: one pickled dict (no `weights_only` load; not an HF
 directory); saving the LR scheduler (the schedule is a pure function of the step).
 
-Test hook: NANOSEEK_TEST_SLOW_SAVE=<seconds> sleeps inside the write, before the rename, so a test can kill
-the process mid-checkpoint and check that the previous checkpoint survives.
+Tests kill a run mid-checkpoint by wrapping `write_trainer_state` (it runs inside the write, before the rename).
 """
 
 from __future__ import annotations
 
+import ast
 import json
-import os
 import random
 import re
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +85,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what rng_state() returned."""
-    import ast
-
     py = ast.literal_eval(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -97,25 +94,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, step: int, optimizer, state: dict,
-                    rng: dict, keep_last: int, gathered: tuple[dict, dict] | None = None) -> Path:
-    """Write checkpoints/step-{step:07d} atomically, then delete all but the newest `keep_last`.
+def write_trainer_state(directory: Path, optimizer_state: dict, rng: dict, state: dict) -> None:
+    """directory/trainer_state/{optimizer.pt, rng.pt, state.json}; state.json last: it marks the checkpoint complete."""
+    d = directory / "trainer_state"
+    d.mkdir()
+    torch.save(optimizer_state, d / "optimizer.pt")
+    torch.save(rng, d / "rng.pt")
+    (d / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
-    gathered: (model state dict, optimizer state dict) already gathered from FSDP shards (full, on CPU; the
-    optimizer's keyed by parameter name, see `gather_fsdp_state`), written instead of the model's own.
+
+def read_trainer_state(path: Path) -> tuple[dict, dict, dict]:
+    """(optimizer state dict, RNG state, state.json dict) of checkpoint `path` (tensors loaded weights_only)."""
+    ts = path / "trainer_state"
+    osd = torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True)
+    rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
+    return osd, rng, json.loads((ts / "state.json").read_text())
+
+
+def save_checkpoint(out_dir: str | Path, step: int, keep_last: int,
+                    write: Callable[[Path, Callable[[Path], None]], Path], optimizer_state: dict, state: dict) -> Path:
+    """checkpoints/step-{step:07d}, atomically, then delete all but the newest `keep_last`.
+
+    write(path, extra) writes the checkpoint's content (a model directory: `Model.save_pretrained(path,
+    extra=extra)`; an adapter directory: `atomic_directory`) and calls extra(tmp) before its rename; extra adds
+    trainer_state/ with `optimizer_state`, the RNG state of this moment and `state` (state.json).
     """
-    def write_trainer_state(tmp: Path) -> None:
-        d = tmp / "trainer_state"
-        d.mkdir()
-        torch.save(optimizer.state_dict() if gathered is None else gathered[1], d / "optimizer.pt")
-        torch.save(rng, d / "rng.pt")
-        slow = float(os.environ.get("NANOSEEK_TEST_SLOW_SAVE", "0") or 0)
-        if slow > 0:  # test hook: widen the window in which a kill lands mid-write
-            time.sleep(slow)
-        (d / "state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks "complete"
-
-    path = model.save_pretrained(checkpoint_dir(out_dir, step), tokenizer=tokenizer, extra=write_trainer_state,
-                                 state_dict=None if gathered is None else gathered[0])
+    rng = rng_state()
+    path = write(checkpoint_dir(out_dir, step), lambda tmp: write_trainer_state(tmp, optimizer_state, rng, state))
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -146,7 +151,7 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False, shard=None
     everything else is built.
     """
     sd = from_hf_state_dict(model.config, read_safetensors_dir(path))
-    ts = path / "trainer_state"
+    osd, rng, state = read_trainer_state(path)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -158,11 +163,8 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False, shard=None
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
-        osd = torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(model, optimizer, osd, options=opts)
-        rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
-        return json.loads((ts / "state.json").read_text()), rng
-    osd = torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True)
+        return state, rng
     if shard is not None:
         sd, osd = shard(sd, osd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -172,5 +174,4 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool = False, shard=None
                          f"unexpected {unexpected[:5]}")
     model.tie_weights()
     optimizer.load_state_dict(osd)
-    rng = torch.load(ts / "rng.pt", map_location="cpu", weights_only=True)
-    return json.loads((ts / "state.json").read_text()), rng
+    return state, rng

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import Model, ModelConfig
-from nanoseek.model import moe as moe_mod
+from nanoseek.model import linear as linear_mod
 from nanoseek.model.layers import activation
-from nanoseek.model.moe import Experts, Gate, MoE, _padded_grouped_mm, grouped_mm
+from nanoseek.model.linear import _padded_grouped_mm, grouped_mm
+from nanoseek.model.moe import Experts, Gate, MoE
 from tests import tiny
 from tests.tiny import ds  # noqa: F401
 
@@ -141,8 +142,8 @@ def test_padded_grouped_mm_gradients():
 
 def test_grouped_mm_dispatch(monkeypatch):
     calls = []
-    real = moe_mod._padded_grouped_mm
-    monkeypatch.setattr(moe_mod, "_padded_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    real = linear_mod._padded_grouped_mm
+    monkeypatch.setattr(linear_mod, "_padded_grouped_mm", lambda *a: calls.append(1) or real(*a))
     x, w = torch.randn(6, 8), torch.randn(3, 8, 4)
     offs = torch.tensor([2, 2, 6], dtype=torch.int32)
     grouped_mm(x, w, offs)
@@ -168,7 +169,7 @@ def test_padded_fallback_and_native_paths_agree(monkeypatch):
     x = torch.randn(2, 9, cfg.hidden_size)
     y1, l1, gx1, g1 = _moe_forward_and_grads(cfg, x)
     used = []
-    monkeypatch.setattr(moe_mod, "_native_grouped_ok", lambda *a: used.append(1) or False)
+    monkeypatch.setattr(linear_mod, "_native_grouped_ok", lambda *a: used.append(1) or False)
     y2, l2, gx2, g2 = _moe_forward_and_grads(cfg, x)
     assert used  # the fallback really ran
     assert torch.equal(l1, l2)

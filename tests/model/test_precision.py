@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.model.layers import Linear
+from nanoseek.model.linear import Linear
 from nanoseek.model.moe import Experts
 from tests.tiny import ds, gpt2, make_model, tokens
 

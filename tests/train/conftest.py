@@ -64,8 +64,6 @@ def cli_args(kwargs: dict) -> list[str]:
 def subprocess_env(cache: Path) -> dict:
     """Environment for `python -m nanoseek` subprocesses: repo importable, shared cache, 1 thread each."""
     env = {**os.environ, "NANOSEEK_CACHE": str(cache), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("NANOSEEK_TEST_SLOW_SAVE", None)
-    env.pop("NANOSEEK_TEST_NAN_AT_STEP", None)
     return env
 
 

@@ -9,6 +9,7 @@ from nanoseek.train.config import TrainConfig
 from nanoseek.train.state import list_checkpoints
 
 from .conftest import cli_args, tiny_kwargs
+from .faults import nan_at
 
 
 def parse(argv):
@@ -59,7 +60,7 @@ def test_seq_len_beyond_positions_is_an_error(tmp_path):
 
 
 def test_pretrain_cli_nan_exit_code(tiny_corpus, cache_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("NANOSEEK_TEST_NAN_AT_STEP", "3")
+    nan_at(monkeypatch, 3)
     argv = cli_args(tiny_kwargs(tiny_corpus, cache_dir, tmp_path / "run", max_steps=6, save_every=2))
     assert main(["pretrain", *argv]) == DIVERGED_EXIT
     assert "training diverged: step 3: non-finite loss, main_loss" in capsys.readouterr().err

@@ -145,10 +145,10 @@ def test_sigkill_under_torchrun_then_resume_is_exact(tiny_corpus, cache_dir, tmp
     ref, _ = two_ranks
     out = tmp_path / "run"
     args = cli_args(tiny_kwargs(tiny_corpus, cache_dir, out, batch_size=4, expert_parallel=2, **STEPS))
-    env = {**subprocess_env(cache_dir), "NANOSEEK_TEST_SLOW_SAVE": "2"}  # each save sleeps before its rename
-    proc = subprocess.Popen(torchrun() + ["--standalone", "--nproc-per-node", "2", "-m", "nanoseek", "pretrain"]
-                            + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    faults = [str(REPO / "tests" / "train" / "faults.py"), "--slow-save", "2"]  # each save sleeps before its rename
+    proc = subprocess.Popen(torchrun() + ["--standalone", "--nproc-per-node", "2", *faults, "pretrain"]
+                            + args, env=subprocess_env(cache_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     ckpts = out / "checkpoints"
     wait_for(lambda: list(ckpts.glob(".step-0000010.tmp-*")), proc, timeout=240)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -13,11 +13,14 @@ from nanoseek.train.state import list_checkpoints
 
 from .conftest import REPO, cli_args, subprocess_env, tiny_kwargs
 
+FAULTS = REPO / "tests" / "train" / "faults.py"
 KEYS = ("step", "loss", "main_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "val_loss", "expert_load")
 
 
-def run_args(corpus, cache, out, **kw):
-    return [sys.executable, "-m", "nanoseek", "pretrain",
+def run_args(corpus, cache, out, slow_save: float | None = None, **kw):
+    """The command line; slow_save: each checkpoint write sleeps that long before its rename (train/faults.py)."""
+    launcher = ["-m", "nanoseek"] if slow_save is None else [str(FAULTS), "--slow-save", str(slow_save)]
+    return [sys.executable, *launcher, "pretrain",
             *cli_args(tiny_kwargs(corpus, cache, out, max_steps=60, save_every=10, eval_every=15, keep_last=3,
                                   **kw))]
 
@@ -67,9 +70,8 @@ def test_sigkill_after_checkpoint_then_resume(tiny_corpus, cache_dir, tmp_path, 
 
 def test_sigkill_mid_checkpoint_write_then_resume(tiny_corpus, cache_dir, tmp_path, reference):
     out = tmp_path / "run"
-    env = {**subprocess_env(cache_dir), "NANOSEEK_TEST_SLOW_SAVE": "1.5"}  # sleeps inside the atomic write
-    proc = subprocess.Popen(run_args(tiny_corpus, cache_dir, out), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(run_args(tiny_corpus, cache_dir, out, slow_save=1.5), env=subprocess_env(cache_dir),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = out / "checkpoints"
     wait_for(lambda: any((p / "trainer_state" / "rng.pt").exists() for p in ckpts.glob(".step-0000020.tmp-*")),
              proc)

@@ -3,13 +3,14 @@ import json
 import pytest
 import torch
 
+from nanoseek import Model
 from nanoseek.checkpoint import read_safetensors_dir
-from nanoseek.model import Model
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.state import list_checkpoints
 from nanoseek.train.trainer import TrainingDiverged, train
 
 from .conftest import tiny_config
+from .faults import nan_at
 
 
 def losses(out_dir):
@@ -82,7 +83,7 @@ def test_keep_last_and_refuse_fresh_start_over_checkpoints(tiny_corpus, cache_di
 
 def test_nan_stops_before_the_step_and_keeps_checkpoint(tiny_corpus, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setenv("NANOSEEK_TEST_NAN_AT_STEP", "5")
+    nan_at(monkeypatch, 5)
     with pytest.raises(TrainingDiverged, match=r"step 5: non-finite loss, main_loss"):
         train(tiny_config(tiny_corpus, cache_dir, out, max_steps=10, save_every=3))
     assert [p.name for p in list_checkpoints(out)] == ["step-0000003"]
