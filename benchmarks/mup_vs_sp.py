@@ -8,6 +8,10 @@ For each architecture, with the same data, steps, batch and seed everywhere:
   sp        the standard parametrization at the target width, one run per learning rate (>= 3).
   lr_only   (optional) the old workflow: muP with default multipliers, lr alone tuned at the proxy, transferred.
   curves    (optional) muP loss vs lr (chosen lr x 1, 1/4, 4) at the curve widths, other values as chosen.
+  ablate    (optional) the chosen values at the target width with one knob at a time back to its default
+            (--ablate-knobs): which tuned knob breaks (or carries) the transfer.
+--chosen FILE takes the proxy's choice from a transfer file written earlier (`--transfer-to` /
+benchmarks/results/mup_vs_sp_<arch>_transfer-<width>.json) instead of running the search again.
 Budget = training FLOPs (accounting.model_stats x tokens) of the proxy search vs the SP sweep at the target,
 and wall seconds (the CPU machine was shared, so wall time is only indicative).
 Every finished run is appended to OUT/rows.jsonl and cached in OUT/<arch>/runs (a rerun skips it).
@@ -15,6 +19,8 @@ Every finished run is appended to OUT/rows.jsonl and cached in OUT/<arch>/runs (
     python3 benchmarks/mup_vs_sp.py                            # CPU: gpt2 and dsv3, widths 32 -> 256, 400 steps
     python3 benchmarks/mup_vs_sp.py --proxy-width 128 --target-width 1024 --steps 2000 --seq-len 256 \\
         --batch-size 32 --curve-widths 128,256,512 --arms search,transfer,sp,lr_only,curves   # GPU scale
+    python3 benchmarks/mup_vs_sp.py --archs gpt2 --arms ablate --ablate-knobs out \
+        --chosen benchmarks/results/mup_vs_sp_gpt2_transfer-256.json             # one knob back to default
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ def train_from_file(path: Path, out_dir: Path) -> dict:
     return rec
 
 
+def chosen_from_file(path: str) -> dict:
+    """The proxy's choice (lr and every sweep.HPARAMS key; None = default) read back from a transfer file."""
+    d = load_config_file(Path(path))
+    return {"lr": d["lr"], **{k: d.get(field) for k, field in sweep.HPARAMS.items()}}
+
+
 def run_arch(arch: str, args: argparse.Namespace, rows: Path, base_width: int) -> dict:
     """Every requested arm for one architecture; returns its results."""
     arms = set(args.arms.split(","))
@@ -87,7 +99,12 @@ def run_arch(arch: str, args: argparse.Namespace, rows: Path, base_width: int) -
         record(arm, rec, width, rec.get("steps", args.steps), time.time() - t)
         return rec
 
-    if "search" in arms or "transfer" in arms or "curves" in arms:
+    if args.chosen:
+        if "search" in arms:
+            sys.exit("--chosen replaces the search: drop 'search' from --arms")
+        chosen = chosen_from_file(args.chosen)
+        print(f"{arch} chosen (from {args.chosen}): {chosen}")
+    elif arms & {"search", "transfer", "curves", "ablate"}:
         t = time.time()
         recs, chosen = sweep.search(base, args.proxy_width, adir, base_width, n=args.trials, eta=args.eta,
                                     rungs=args.rungs, seed=args.seed)
@@ -115,6 +132,10 @@ def run_arch(arch: str, args: argparse.Namespace, rows: Path, base_width: int) -
         hp = {k: chosen[k] for k in sweep.HPARAMS}
         res["curves"] = {w: {f"{f:g}": timed_run("curves", "mup", w, chosen["lr"] * f, hp)["val_loss"]
                              for f in floats(args.curve_factors)} for w in map(int, args.curve_widths.split(","))}
+    if "ablate" in arms:
+        hp = {k: chosen[k] for k in sweep.HPARAMS}
+        res["ablate"] = {k: timed_run(f"ablate:{k}", "mup", args.target_width, chosen["lr"],
+                                      {**hp, k: None})["val_loss"] for k in args.ablate_knobs.split(",") if k}
     res["seconds"] = time.time() - t_arch
     return res
 
@@ -122,7 +143,11 @@ def run_arch(arch: str, args: argparse.Namespace, rows: Path, base_width: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="gpt2,dsv3")
-    ap.add_argument("--arms", default="search,transfer,sp", help="of search,transfer,sp,lr_only,curves")
+    ap.add_argument("--arms", default="search,transfer,sp", help="of search,transfer,sp,lr_only,curves,ablate")
+    ap.add_argument("--chosen", default=None, help="a transfer file (JSON) whose lr and tuned values replace the "
+                    "search (which is then not run)")
+    ap.add_argument("--ablate-knobs", default="out,emb_lr", help="ablate: comma-separated knobs of "
+                    f"{','.join(sweep.HPARAMS)}, each reset to its default in turn")
     ap.add_argument("--proxy-width", type=int, default=32)
     ap.add_argument("--target-width", type=int, default=256)
     ap.add_argument("--base-width", type=int, default=None, help="muP base width (default: the proxy width)")
@@ -143,6 +168,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="out/mup_vs_sp")
     args = ap.parse_args()
+    bad = [k for k in args.ablate_knobs.split(",") if k and k not in sweep.HPARAMS]
+    if bad:
+        ap.error(f"--ablate-knobs: unknown knob(s) {bad}; choose from {list(sweep.HPARAMS)}")
+    if args.chosen and not Path(args.chosen).is_file():
+        ap.error(f"--chosen: no such file {args.chosen!r}")
     import torch
 
     torch.set_num_threads(args.threads)
