@@ -108,6 +108,13 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.search < 0 or args.search_eta < 2 or args.search_rungs < 1:
         raise ValueError(f"need --search >= 0, --search-eta >= 2 and --search-rungs >= 1, got {args.search}, "
                          f"{args.search_eta} and {args.search_rungs}")
+    try:
+        refine = sweep.REFINE_LR if args.search_refine_lr is None else tuple(
+            float(f) for f in args.search_refine_lr.split(",") if f.strip())
+    except ValueError:
+        raise ValueError(f"--search-refine-lr takes comma-separated factors, got {args.search_refine_lr!r}") from None
+    if any(f <= 0 for f in refine):
+        raise ValueError(f"--search-refine-lr factors must be > 0, got {args.search_refine_lr!r}")
     out = Path(args.out)
     if args.search:
         width = min(args.widths)
@@ -115,7 +122,8 @@ def _sweep(args: argparse.Namespace) -> int:
               f"successive halving (eta {args.search_eta}, {args.search_rungs} rungs, last rung {args.max_steps} "
               f"steps; {args.preset}, muP base width {base_width}) -> {args.out}")
         records, chosen = sweep.search(base, width, args.out, base_width, n=args.search, eta=args.search_eta,
-                                       rungs=args.search_rungs, seed=args.seeds[0], param=params[0])
+                                       rungs=args.search_rungs, seed=args.seeds[0], param=params[0],
+                                       refine_lr=refine)
         summary = {"chosen": chosen, "runs": len(records), "width": width}
         (out / "sweep.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
         print(f"chosen at width {width}: " + sweep.describe({"param": params[0], "width": width,
@@ -249,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-eta", type=int, default=4, help="successive halving keeps the best 1/ETA per rung")
     p.add_argument("--search-rungs", type=int, default=2,
                    help="rungs; rung r runs max_steps / eta^(rungs-1-r) steps (default 2: 1/4 then full)")
+    p.add_argument("--search-refine-lr", default=None, metavar="F,F,...",
+                   help="after the search, re-run its winner at lr x each factor (other values fixed, full "
+                        "max_steps) and keep the best; '' turns it off (default: sweep.REFINE_LR, "
+                        "1/16,1/8,1/4,1/2,2)")
     p.add_argument("--base-width", type=int, default=None, help="muP base width (default: the preset's width)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)

@@ -68,7 +68,7 @@ def test_sweep_search_halves_and_transfers_every_value(corpus, tmp_path, capsys,
     args = ["sweep", "--preset", "dsv3-tiny", "--widths", "32", "--search", "3", "--search-eta", "3",
             "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
             "--warmup-steps", "1", "--data", str(corpus), "--base-width", "32", "--transfer-to", "64",
-            "--out", str(out)]
+            "--search-refine-lr", "", "--out", str(out)]
     assert main(args) == 0
     data = json.loads((out / "sweep.json").read_text())
     runs, chosen = data["runs"], data["summary"]["chosen"]
@@ -82,3 +82,24 @@ def test_sweep_search_halves_and_transfers_every_value(corpus, tmp_path, capsys,
     assert cfg.hidden_size == 64 and cfg.mup_base_width == 32 and cfg.lr == chosen["lr"]
     assert main([*args[:-2], "--search-eta", "1", "--out", str(out)]) == 2
     assert "--search-eta >= 2" in capsys.readouterr().err
+
+
+def test_sweep_search_refines_the_winners_lr(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "search"
+    args = ["sweep", "--preset", "dsv3-tiny", "--widths", "32", "--search", "2", "--search-eta", "2",
+            "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
+            "--warmup-steps", "1", "--data", str(corpus), "--base-width", "32", "--search-refine-lr", "0.25,4",
+            "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    runs, chosen = data["runs"], data["summary"]["chosen"]
+    assert [r["steps"] for r in runs] == [1, 1, 3, 3, 3]  # 2 configurations, the best for 3, then 2 lr factors
+    winner, refined = runs[2], runs[3:]
+    assert [r["lr"] for r in refined] == pytest.approx([winner["lr"] * 0.25, winner["lr"] * 4])
+    for r in refined:  # only the lr moves
+        assert all(r[k] == winner[k] for k in sweep.HPARAMS)
+    best = min(runs[2:], key=lambda r: r["val_loss"])
+    assert chosen["lr"] == best["lr"] and chosen["val_loss"] == best["val_loss"]
+    assert main([*args[:-2], "--search-refine-lr", "0.5,-1", "--out", str(out)]) == 2
+    assert "--search-refine-lr" in capsys.readouterr().err
