@@ -5,7 +5,8 @@ Hugging Face directory and loaded by `transformers.AutoModelForCausalLM`, so bot
   train    tokens/s of full optimizer steps (forward + loss + backward + AdamW), B x T random tokens
   prefill  tokens/s of one no-grad forward over B x T tokens (logits of every position)
   decode   tokens/s of greedy `generate` vs `generate` at batch 1 and batch 32 (prompt + new tokens, both sides
-           build and use their own cache); the greedy tokens must be the same on both sides (printed)
+           build and use their own cache); the greedy tokens must be the same on both sides (printed);
+           `--compile`: nanoseek's one-token step is compiled (its compile time is reported, not timed)
 Repetitions are interleaved (ours, theirs, ours, theirs, ...) so that a busy machine slows both alike; the table
 gives the median of each side and the ratio nanoseek / peer. `--nanogpt DIR` adds Karpathy's nanoGPT (DIR/model.py,
 `GPT`/`GPTConfig`) to the GPT-2 training and prefill races with the same weights. `transformers` is optional:
@@ -139,13 +140,13 @@ def prefill_runner(kind: str, model, x: torch.Tensor, ctx):
     return run
 
 
-def decode_runners(ours: Model, hf, prompt: torch.Tensor, new: int, ctx, out: dict):
+def decode_runners(ours: Model, hf, prompt: torch.Tensor, new: int, ctx, out: dict, compile: bool):
     ours.eval()
     hf.eval()
 
     def run_ours():
         with ctx():
-            out["nanoseek"] = ours.generate(prompt, new)
+            out["nanoseek"] = ours.generate(prompt, new, compile=compile)
 
     def run_hf():
         with ctx(), torch.no_grad():
@@ -156,8 +157,12 @@ def decode_runners(ours: Model, hf, prompt: torch.Tensor, new: int, ctx, out: di
 
 
 def race(rows: list, arch: str, phase: str, runners: dict, tokens: int, reps: int, warmup: int, sync, **extra):
-    for fn in runners.values():
-        for _ in range(warmup):
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # nanoseek's first call also compiles, when asked to
+        runners["nanoseek"]()
+    extra["nanoseek_warmup_s"] = time.perf_counter() - t0
+    for name, fn in runners.items():
+        for _ in range(warmup if name != "nanoseek" else 0):
             fn()
     times = interleave(runners, reps, sync)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -191,9 +196,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype of every side, as pretrain's --dtype (default float32; auto: bf16 autocast "
                         "where the device multiplies bf16 natively)")
+    p.add_argument("--compile", action="store_true",
+                   help="nanoseek decodes with generate(compile=True) (compile time is in the warm-up, reported)")
     p.add_argument("--attn", default=None, help="transformers attn_implementation (default: its own, sdpa)")
     p.add_argument("--nanogpt", default=None, metavar="DIR", help="a nanoGPT checkout: race DIR/model.py too")
     args = p.parse_args()
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the first call compiles; it must not be timed)")
     if args.new_tokens < 1 or args.reps < 1:
         p.error(f"--new-tokens ({args.new_tokens}) and --reps ({args.reps}) must be >= 1")
     try:
@@ -252,7 +261,7 @@ def main() -> None:
                 prompt = torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=g).to(device)
                 out: dict = {}
                 race(rows, arch, f"decode b{b}", decode_runners(ours, peers["transformers"], prompt,
-                                                              args.new_tokens, ctx, out),
+                                                              args.new_tokens, ctx, out, args.compile),
                      b * args.new_tokens, args.reps, args.warmup, sync, shape=f"{b}x({args.prompt}+{args.new_tokens})")
                 same = out["nanoseek"].shape == out["transformers"].shape and \
                     bool((out["nanoseek"] == out["transformers"]).all())

@@ -82,7 +82,8 @@ class TrainConfig:
     # system
     seed: int = _f(1337, "seed for init, data order and dropout")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
+    dtype: str = _f("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16 GEMMs, AVX512-BF16 or "
+                            "AMX; fp32 otherwise), float32 or bfloat16; weights and loss stay fp32")
     compile: bool = _f(False, "torch.compile the model")
     fp8: bool = _f(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "
                           "weight blocks, E4M3, fp32 accumulation; emulated on CPU); checkpoints stay fp32")

@@ -120,7 +120,7 @@ class FinetuneConfig:
     completion_lines: int = 8
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA and native-bf16 CPUs (autocast.py), else fp32
     resume: str | None = None
     plots: bool = True
     tensorboard: bool = False
@@ -211,7 +211,7 @@ HELP = {  # --help text of each FinetuneConfig field
     "completion_lines": "built-in tasks: lines to complete",
     "seed": "seed of the data order and the adapter's initialisation",
     "device": "auto, cpu, cuda",
-    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16 or float32",
+    "dtype": "auto (bf16 autocast on CUDA and on CPUs with native bf16 GEMMs; fp32 otherwise), bfloat16 or float32",
     "resume": "a checkpoint directory or 'latest' to continue from",
     "plots": "write PNG plots of the metrics",
     "tensorboard": "also log to TensorBoard",

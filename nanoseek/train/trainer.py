@@ -30,6 +30,8 @@ import torch
 
 from ..data import PackedLoader, get_or_train_tokenizer, load_corpus, tokenize_corpus
 from ..model import Model
+from .autocast import autocast_context as dtype_context
+from .autocast import resolve_dtype
 from .config import TrainConfig
 from .distributed import Dist, init_distributed, shutdown_distributed, wrap_model
 from .evaluate import evaluate
@@ -64,11 +66,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def autocast_context(cfg, device: torch.device):
-    """bf16 autocast when cfg.dtype is "bfloat16", or "auto" on CUDA; a no-op context otherwise (fp32)."""
-    want_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if want_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast when cfg.dtype resolves to bfloat16 (auto: CUDA, or a CPU with native bf16; autocast.py)."""
+    return dtype_context(resolve_dtype(cfg.dtype, device), device)
 
 
 def _prepare_data(cfg: TrainConfig, d: Dist, vocab_size: int):

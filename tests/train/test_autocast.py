@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from nanoseek.train import trainer
 from nanoseek.train.autocast import autocast_context, cpu_has_native_bf16, resolve_dtype
+from nanoseek.train.config import TrainConfig
 from tests.tiny import ds, make_model
 
 
@@ -33,3 +35,12 @@ def test_bf16_autocast_close_to_fp32_with_fp32_masters_and_loss():
     out.loss.backward()
     assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
                for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16"])
+def test_pretrain_dtype_flag_selects_the_autocast(dtype):
+    cfg = TrainConfig(dtype=dtype)
+    with trainer.autocast_context(cfg, torch.device("cpu")):
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                       "auto": torch.bfloat16 if cpu_has_native_bf16() else torch.float32}[dtype]
