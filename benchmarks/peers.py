@@ -17,7 +17,7 @@ shared machine are noise, ratios measured alternately are not.
 
     python3 benchmarks/peers.py                              # CPU defaults: dsv3 6 x 384 (8 experts), gpt2 6 x 384
     python3 benchmarks/peers.py --only dsv3 --skip train     # decode and prefill only
-    python3 benchmarks/peers.py --width 768 --layers 12 --batch 12 --seq 1024 --device cuda --dtype bfloat16
+    python3 benchmarks/peers.py --device cuda --dtype bfloat16 --gpt2-preset gpt2-124m --batch 12 --seq 1024
 Ends with one JSON line.
 """
 
@@ -53,13 +53,22 @@ except ImportError:  # optional: the script then races nanoGPT only (if given) a
 PHASES = ("train", "prefill", "decode")
 
 
-def configs(width: int, layers: int, experts: int, vocab: int, seq: int) -> dict[str, ModelConfig]:
-    """The two models raced; MTP is off (transformers does not train MTP modules)."""
+def configs(width: int, layers: int, experts: int, vocab: int, seq: int, dsv3_preset: str | None = None,
+            gpt2_preset: str | None = None) -> dict[str, ModelConfig]:
+    """The two models raced (a preset as it is, else the tiny preset at this width/depth/vocab); MTP is off
+    (transformers does not train MTP modules)."""
     n = max(seq, 1024)
-    dsv3 = ModelConfig.from_preset("dsv3-tiny", num_hidden_layers=layers, vocab_size=vocab, num_nextn_predict_layers=0,
-                                   n_routed_experts=experts, max_position_embeddings=n).with_width(width)
-    gpt2 = ModelConfig.from_preset("gpt2-tiny", num_hidden_layers=layers, vocab_size=vocab,
-                                   max_position_embeddings=n).with_width(width)
+    if dsv3_preset:
+        dsv3 = ModelConfig.from_preset(dsv3_preset, num_nextn_predict_layers=0)
+    else:
+        dsv3 = ModelConfig.from_preset("dsv3-tiny", num_hidden_layers=layers, vocab_size=vocab,
+                                       n_routed_experts=experts, num_nextn_predict_layers=0,
+                                       max_position_embeddings=n).with_width(width)
+    if gpt2_preset:
+        gpt2 = ModelConfig.from_preset(gpt2_preset)
+    else:
+        gpt2 = ModelConfig.from_preset("gpt2-tiny", num_hidden_layers=layers, vocab_size=vocab,
+                                       max_position_embeddings=n).with_width(width)
     return {"dsv3": dsv3, "gpt2": gpt2}
 
 
@@ -184,6 +193,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6, help="blocks of both models (default 6)")
     p.add_argument("--experts", type=int, default=8, help="routed experts of the DeepSeek-V3 model (default 8)")
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
+    p.add_argument("--dsv3-preset", default=None, help="race this DeepSeek-V3 preset as it is (e.g. dsv3-small)")
+    p.add_argument("--gpt2-preset", default=None, help="race this GPT-2 preset as it is (e.g. gpt2-124m)")
     p.add_argument("--batch", type=int, default=8, help="training and prefill batch (default 8)")
     p.add_argument("--seq", type=int, default=256, help="training and prefill sequence length (default 256)")
     p.add_argument("--prompt", type=int, default=16, help="decode prompt length (default 16)")
@@ -230,7 +241,12 @@ def main() -> None:
     if args.nanogpt is None:
         skipped.append("nanoGPT (no --nanogpt DIR)")
     rows, agree = [], {}
-    for arch, cfg in configs(args.width, args.layers, args.experts, args.vocab, args.seq).items():
+    try:
+        models = configs(args.width, args.layers, args.experts, args.vocab, args.seq, args.dsv3_preset,
+                         args.gpt2_preset)
+    except ValueError as e:
+        p.error(str(e))
+    for arch, cfg in models.items():
         if args.only and arch != args.only:
             continue
         torch.manual_seed(0)
