@@ -4,14 +4,16 @@ What. `default_threads()` = clamp(cores - round(1-minute load average), 1, cores
 user set it, wins. Pretraining applies it on CPU when `--threads 0` (the default).
 
 Why. torch's own default is one thread per core. OpenMP's worker threads wait for each other at every parallel
-region; when another process holds a core, one worker is descheduled and every region waits for it, so a
-two-thread step can be many times slower than one thread (measured here at more than 20x, BENCHMARKS.md). Using
-only the cores nobody else is using keeps the full speed of an idle machine and never oversubscribes a busy one
-(`benchmarks/threads.py` measures 1 thread, all cores, all cores with a passive wait policy, and this default).
+region, by default spinning; when other processes hold the cores, the spinning workers steal time from the one
+doing work, so a two-thread step can be many times slower than one thread (4.6-5.5x measured by
+`benchmarks/threads.py` on the shared 2-core machine, more than 20x in an earlier run, BENCHMARKS.md). Using only
+the cores nobody else is using keeps the full speed of an idle machine and never oversubscribes a busy one.
+nanoseek also sets OMP_WAIT_POLICY=PASSIVE before torch loads (nanoseek/__init__.py): with it, even all cores
+on the busy machine were 1.2-1.3x faster than one thread, but it only works if nanoseek is imported before torch,
+so the thread count stays the safe one.
 
-Rejected: always one thread (halves a dedicated multi-core machine); OMP_WAIT_POLICY=PASSIVE set by the library
-(OpenMP reads it only when torch loads, before nanoseek could set it, and it does not remove the wait for a
-descheduled worker).
+Rejected: always one thread (halves a dedicated multi-core machine); all cores with PASSIVE alone (a script that
+imports torch first gets spinning workers and the 5x slowdown).
 """
 
 from __future__ import annotations
