@@ -12,7 +12,9 @@ Two ways to attend over the cache:
   naive     expand the cached latent with kv_b_proj into per-head keys/values (what training does).
   absorbed  fold kv_b_proj's key half W_UK into the query (q_lat = q_nope W_UK, (B, H, T, kv_lora_rank)) and
             apply the value half W_UV after attention. The attention is then multi-query attention whose
-            key is the cached [c_kv ; k_pe] itself and whose value is c_kv: the cache is never expanded.
+            key is the cached [c_kv ; k_pe] itself and whose value is c_kv: the cache is never expanded. The
+            H heads are run as H*T queries of one head (B, 1, H*T, r + dr), so the key is read once, not H
+            times (an expanded (B, H, S, r + dr) key made batch-32 decoding several times slower on CPU).
 Decoding with a cache uses the absorbed form; `absorb=False` forces the naive one (the tests compare them).
 
 KVCache holds one length per row, so rows of different lengths share a batch (continuous batching); the
@@ -198,10 +200,13 @@ class MLA(nn.Module):
         if lora is not None:  # kv_b_proj's LoRA delta gamma*B_l A_l, absorbed the same way as its weight
             a, b_uk, b_uv = lora  # (B, 1, rl, r), (B, H, nope, rl), (B, H, v, rl)
             q_lat = q_lat + torch.einsum("bhtd,bhdl->bhtl", q_nope, b_uk) @ a  # (B, H, T, r)
-        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r + dr)
-        k = latent[:, None].expand(B, H, S, self.kv_rank + self.rope)  # the cache is the key
+        q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, H * T, -1)  # (B, 1, H*T, r + dr): heads as queries
+        k = latent[:, None]  # (B, 1, S, r + dr): the cache is the one key of every head
         v = k[..., : self.kv_rank]  # and c_kv the value
+        if mask is not None:  # (B, 1, T, S) -> (B, 1, H*T, S), the same rows for every head
+            mask = mask[:, :, None].expand(B, 1, H, T, S).reshape(B, 1, H * T, S)
         o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+        o_lat = o_lat.view(B, H, T, self.kv_rank)  # (B, H, T, r)
         o = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, H, T, v)
         if lora is not None:
             o = o + torch.einsum("bhtl,bhvl->bhtv", o_lat @ a.transpose(-1, -2), b_uv)

@@ -189,7 +189,8 @@ class Decode:
 
 def plain_decode(run: Decode) -> tuple[torch.Tensor, dict]:
     B, T = run.input_ids.shape
-    cache = fastdecode.make_cache(run.model, B, T + run.max_new)  # static shapes, no host sync per step
+    static = fastdecode.wants_static(run.compile, run.input_ids.device)
+    cache = fastdecode.make_cache(run.model, B, T + run.max_new, static)  # static: no host sync per step
     _, logits = run.prefill(cache)
     step = fastdecode.step_function(run.compile and run.adapter is None)  # adapters: eager
     em, forwards = Emitter(run.input_ids, run.lengths, run.max_new, run.eos), 1

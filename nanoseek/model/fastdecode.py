@@ -3,10 +3,12 @@
 What. Plain decoding (decoding.plain_decode) runs one forward per new token. At batch 1 that forward is a few
 hundred tiny ops, so its time is Python and dispatch overhead, not arithmetic (issue 16 measured ~8 % of one
 core's GEMM rate). `DecodeStep` removes what it can:
-  * a static KVCache (`KVCache(static=True)`): every step attends over all `max_len` slots with the unwritten
-    ones masked, so the step's shapes never change and `begin` reads nothing back from the device (no
-    `int(lengths.max())` per step); `max_len` is rounded up to a multiple of BUCKET so calls with nearby
-    lengths share one shape;
+  * a static KVCache (`KVCache(static=True)`) when compiling and on CUDA: every step attends over all
+    `max_len` slots with the unwritten ones masked, so the step's shapes never change and `begin` reads nothing
+    back from the device (no `int(lengths.max())` per step); `max_len` is rounded up to a multiple of BUCKET so
+    calls with nearby lengths share one shape. An eager CPU step keeps the growing cache (fewer slots to read;
+    the sync costs nothing there);
+  * MLA's absorbed attention runs the heads as queries of one shared key (attention.py), not an expanded key;
   * the routed experts use `Experts.gathered` for the few token copies of a decode step (no sort/bincount);
   * `compile=True`: the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
@@ -35,12 +37,20 @@ def static_length(n: int) -> int:
     return -(-n // BUCKET) * BUCKET
 
 
-def make_cache(model: torch.nn.Module, batch_size: int, length: int) -> KVCache:
-    """A static cache for `length` tokens per row, rounded up to a BUCKET multiple within the model's limit."""
+def make_cache(model: torch.nn.Module, batch_size: int, length: int, static: bool = True) -> KVCache:
+    """A cache for `length` tokens per row; static: rounded up to a BUCKET multiple within the model's limit."""
+    if not static:
+        return model.make_cache(batch_size, length)
     limit = max(length, model.config.max_position_embeddings)
     p = next(model.parameters())
     return KVCache(model.config, batch_size, min(static_length(length), limit), device=p.device, dtype=p.dtype,
                    static=True)
+
+
+def wants_static(compile: bool, device: torch.device) -> bool:
+    """Static shapes pay when compiling (one graph) and on CUDA (no device sync per token); an eager CPU step
+    attends over fewer slots with the growing cache."""
+    return compile or device.type == "cuda"
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache, adapter=None, adapter_names=None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek.model.attention import KVCache
-from nanoseek.model.fastdecode import BUCKET, make_cache, static_length
+from nanoseek.model.fastdecode import BUCKET, make_cache, static_length, wants_static
 from tests import tiny
 from tests.tiny import make_model
 
@@ -76,3 +76,8 @@ def test_compiled_decode_step_gives_the_same_tokens(name):
     plain = model.generate(x, 8)
     assert torch.equal(model.generate(x, 8, compile=True), plain)
     assert torch.equal(model.generate(x, 8, compile=True), plain)  # the compiled code is reused
+
+
+def test_static_cache_when_compiling_or_on_cuda():
+    assert wants_static(True, torch.device("cpu")) and wants_static(False, torch.device("cuda"))
+    assert not wants_static(False, torch.device("cpu"))
