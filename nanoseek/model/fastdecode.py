@@ -9,7 +9,7 @@ core's GEMM rate). `DecodeStep` removes what it can:
     calls with nearby lengths share one shape. An eager CPU step keeps the growing cache (fewer slots to read;
     the sync costs nothing there);
   * MLA's absorbed attention runs the heads as queries of one shared key (attention.py), not an expanded key;
-  * the routed experts use `Experts.gathered` for the few token copies of a decode step (no sort/bincount);
+  * in a compiled step the routed experts use `Experts.gathered` for the few token copies (no sort/bincount);
   * `compile=True`: the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
     ops around the GEMMs. Prefill stays eager (one call).
