@@ -2,7 +2,7 @@
 
 What. Plain decoding (decoding.plain_decode) runs one forward per new token. At batch 1 that forward is a few
 hundred tiny ops, so its time is Python and dispatch overhead, not arithmetic (issue 16 measured ~8 % of one
-core's GEMM rate). `DecodeStep` removes what it can:
+core's GEMM rate). This module and its callers remove what they can:
   * a static KVCache (`KVCache(static=True)`) when compiling and on CUDA: every step attends over all
     `max_len` slots with the unwritten ones masked, so the step's shapes never change and `begin` reads nothing
     back from the device (no `int(lengths.max())` per step); `max_len` is rounded up to a multiple of BUCKET so
@@ -12,15 +12,15 @@ core's GEMM rate). `DecodeStep` removes what it can:
   * in a compiled step the routed experts use `Experts.gathered` for the few token copies (no sort/bincount);
   * `compile=True`: the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
-    ops around the GEMMs. Prefill stays eager (one call).
+    ops around the GEMMs. Prefill stays eager (one call); adapters and speculative decoding stay eager.
 Outputs equal the plain path's: masked slots get exactly zero attention weight, so the same tokens come out
 (tests/model/test_fastdecode.py compares logits and greedy tokens).
 
 Measured (BENCHMARKS.md, "Fast by default"): on the shared 2-core machine the first compile of a 23M-parameter
 DeepSeek-V3 step took minutes, so `compile` is off by default on CPU; `generate(compile=True)` turns it on.
 
-Rejected: CUDA graphs on CPU (none exist; on CUDA `mode="reduce-overhead"` is the equivalent and can be passed
-as `mode`); compiling prefill too (one call, variable length: a recompile per prompt length); compiling the
+Rejected: CUDA graphs (`mode="reduce-overhead"`, untested without a GPU: `step_function(mode=...)` takes it);
+compiling prefill too (one call, variable length: a recompile per prompt length); compiling the
 speculative loop (ragged per-row catch-up shapes).
 """
 
