@@ -116,7 +116,7 @@ def train_runner(kind: str, model, x: torch.Tensor, ctx):
     model.train()
     opt = configure_optimizer(model, lr=1e-4) if kind == "nanoseek" else \
         torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    inp, tgt = x[:, :-1], x[:, 1:]
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # nanoGPT views its targets
 
     def step():
         with ctx():
@@ -268,8 +268,9 @@ def main() -> None:
             race(rows, arch, "train", runners, args.batch * args.seq, args.reps, args.warmup, sync,
                  shape=f"{args.batch}x{args.seq}")
         if "prefill" not in args.skip:
-            runners = {"nanoseek": prefill_runner("nanoseek", ours, x[:, :-1], ctx)}
-            runners |= {k: prefill_runner(k, m, x[:, :-1], ctx) for k, m in peers.items()}
+            xp = x[:, :-1].contiguous()  # nanoGPT views its targets
+            runners = {"nanoseek": prefill_runner("nanoseek", ours, xp, ctx)}
+            runners |= {k: prefill_runner(k, m, xp, ctx) for k, m in peers.items()}
             race(rows, arch, "prefill", runners, args.batch * args.seq, args.reps, args.warmup, sync,
                  shape=f"{args.batch}x{args.seq}")
         if "decode" not in args.skip and "transformers" in peers:
