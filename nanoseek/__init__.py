@@ -8,6 +8,7 @@ layering is real and tested (tests/test_layering.py), and `from nanoseek import 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
@@ -22,6 +23,12 @@ _PUBLIC = {"ModelConfig": "config", "Model": "modeling", "ModelOutput": "model",
 __all__ = ["ModelConfig", "Model", "ModelOutput", "KVCache", "LoraConfig", "VeraConfig",
            "configure_optimizer"]
 __version__ = "0.1.0"
+
+# Idle OpenMP workers sleep instead of spinning, unless the user chose otherwise. OpenMP reads this once, when
+# torch loads it, so it is set before the first torch import (it has no effect if torch was imported first).
+# Measured on the shared 2-core machine (benchmarks/threads.py, BENCHMARKS.md "Fast by default"): 2 spinning
+# threads trained 4.6-5.5x slower than 1 thread, 2 passive ones 1.2-1.3x faster.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def __getattr__(name: str):

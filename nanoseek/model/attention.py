@@ -12,7 +12,9 @@ Two ways to attend over the cache:
   naive     expand the cached latent with kv_b_proj into per-head keys/values (what training does).
   absorbed  fold kv_b_proj's key half W_UK into the query (q_lat = q_nope W_UK, (B, H, T, kv_lora_rank)) and
             apply the value half W_UV after attention. The attention is then multi-query attention whose
-            key is the cached [c_kv ; k_pe] itself and whose value is c_kv: the cache is never expanded.
+            key is the cached [c_kv ; k_pe] itself and whose value is c_kv: the cache is never expanded. The
+            H heads are run as H*T queries of one head (B, 1, H*T, r + dr), so the key is read once, not H
+            times (an expanded (B, H, S, r + dr) key made batch-32 decoding several times slower on CPU).
 Decoding with a cache uses the absorbed form; `absorb=False` forces the naive one (the tests compare them).
 
 KVCache holds one length per row, so rows of different lengths share a batch (continuous batching); the
@@ -38,13 +40,17 @@ class KVCache:
     MLA: `latent` (L, B, S_max, kv_lora_rank + qk_rope_head_dim) = [c_kv ; k_pe] per token.
     MHA: `k`, `v` (L, B, H, S_max, head_dim).
     Call `begin(T)` before a forward of T new tokens per row (the model does it), `end()` after.
+    `static`: every step attends over all max_len slots (unwritten ones masked), so a step's shapes never change
+    and `begin` reads nothing back from the device (decoding's fast path, fastdecode.py); the caller guarantees
+    that lengths stay <= max_len (a write past it raises an index error instead of the overflow message).
     `first_layer`: the layer index of the first cached layer (an MTP module's own cache holds layer L + k only).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
-                 num_layers: int | None = None, first_layer: int = 0):
+                 num_layers: int | None = None, first_layer: int = 0, static: bool = False):
         self.mla = cfg.model_type == "deepseek_v3"
         self.max_len = max_len
+        self.static = static
         self.first_layer = first_layer
         L = cfg.num_hidden_layers if num_layers is None else num_layers
         if self.mla:
@@ -55,6 +61,7 @@ class KVCache:
             self.k = torch.zeros(shape, device=device, dtype=dtype)
             self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) for per-row slot writes
         self.positions: torch.Tensor | None = None  # (B, T) positions of this step's tokens
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) True = may attend
         self.span = 0  # S: cache slots this step attends over
@@ -66,9 +73,12 @@ class KVCache:
     def begin(self, T: int) -> torch.Tensor:
         """Positions (B, T) of T new tokens per row; builds this step's causal mask."""
         self.positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
-        self.span = int(self.lengths.max()) + T
-        if self.span > self.max_len:
-            raise ValueError(f"KVCache overflow: {self.span} tokens > max_len={self.max_len}")
+        if self.static:  # fixed shapes and no host sync: attend over every slot (the caller sizes max_len)
+            self.span = self.max_len
+        else:
+            self.span = int(self.lengths.max()) + T
+            if self.span > self.max_len:
+                raise ValueError(f"KVCache overflow: {self.span} tokens > max_len={self.max_len}")
         slots = torch.arange(self.span, device=self.lengths.device)
         self.mask = slots[None, None, None, :] <= self.positions[:, None, :, None]
         return self.positions
@@ -83,18 +93,15 @@ class KVCache:
             raise ValueError(f"rollback {n.tolist()} outside 0..lengths {self.lengths.tolist()}")
         self.lengths -= n
 
-    def _rows(self):
-        return torch.arange(self.batch_size, device=self.lengths.device)[:, None]
-
     def update_latent(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         """new (B, T, W) -> all cached latents (B, S, W) of this layer, including the new ones."""
         layer -= self.first_layer
-        self.latent[layer][self._rows(), self.positions] = new.to(self.latent.dtype)
+        self.latent[layer][self.rows, self.positions] = new.to(self.latent.dtype)
         return self.latent[layer, :, : self.span]
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H, T, D) -> cached (B, H, S, D) each."""
-        rows, layer = self._rows(), layer - self.first_layer
+        rows, layer = self.rows, layer - self.first_layer
         self.k[layer].transpose(1, 2)[rows, self.positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer].transpose(1, 2)[rows, self.positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]
@@ -195,10 +202,13 @@ class MLA(nn.Module):
         if lora is not None:  # kv_b_proj's LoRA delta gamma*B_l A_l, absorbed the same way as its weight
             a, b_uk, b_uv = lora  # (B, 1, rl, r), (B, H, nope, rl), (B, H, v, rl)
             q_lat = q_lat + torch.einsum("bhtd,bhdl->bhtl", q_nope, b_uk) @ a  # (B, H, T, r)
-        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r + dr)
-        k = latent[:, None].expand(B, H, S, self.kv_rank + self.rope)  # the cache is the key
+        q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, H * T, -1)  # (B, 1, H*T, r + dr): heads as queries
+        k = latent[:, None]  # (B, 1, S, r + dr): the cache is the one key of every head
         v = k[..., : self.kv_rank]  # and c_kv the value
+        if mask is not None:  # (B, 1, T, S) -> (B, 1, H*T, S), the same rows for every head
+            mask = mask[:, :, None].expand(B, 1, H, T, S).reshape(B, 1, H * T, S)
         o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+        o_lat = o_lat.view(B, H, T, self.kv_rank)  # (B, H, T, r)
         o = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, H, T, v)
         if lora is not None:
             o = o + torch.einsum("bhtl,bhvl->bhtv", o_lat @ a.transpose(-1, -2), b_uv)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
+from . import fastdecode
 from .sampling import filtered_probs, sample
 
 
@@ -169,6 +170,7 @@ class Decode:
     eos: int | None
     adapter: str | torch.Tensor | None
     adapter_names: list[str] | None
+    compile: bool = False  # torch.compile the one-token step of plain decoding (fastdecode.py)
 
     def forward(self, ids, cache):
         return self.model(ids, cache=cache, adapter=self.adapter, adapter_names=self.adapter_names,
@@ -187,15 +189,17 @@ class Decode:
 
 def plain_decode(run: Decode) -> tuple[torch.Tensor, dict]:
     B, T = run.input_ids.shape
-    cache = run.model.make_cache(B, T + run.max_new)
+    static = fastdecode.wants_static(run.compile, run.input_ids.device)
+    cache = fastdecode.make_cache(run.model, B, T + run.max_new, static)  # static: no host sync per step
     _, logits = run.prefill(cache)
+    step = fastdecode.step_function(run.compile and run.adapter is None)  # adapters: eager
     em, forwards = Emitter(run.input_ids, run.lengths, run.max_new, run.eos), 1
     while not em.done:
         nxt = run.sample(logits)  # (B,)
         em.push(nxt[:, None], torch.ones_like(nxt))
         if em.done:
             break
-        logits = run.forward(nxt[:, None], cache).logits[:, -1]
+        logits = step(run.model, nxt[:, None], cache, run.adapter, run.adapter_names)
         forwards += 1
     return em.result(), {"speculative": False, "main_forwards": forwards}
 

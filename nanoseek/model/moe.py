@@ -12,8 +12,11 @@ No token is dropped: every token reaches its k experts.
 Routed experts are stacked weights (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), HF's in-memory layout)
 run by `linear.grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
 every expert's rows (`torch._grouped_mm`; a padded batched matmul where that kernel is unavailable). There
-is no Python loop over experts. On disk the experts are per-expert HF keys (see checkpoint.py). Under expert
-parallelism (`Experts.ep` set, see expert_parallel.py) a rank holds E/N of them and tokens are dispatched to them.
+is no Python loop over experts. In a compiled step with at most E token copies (decoding a few rows) each copy
+instead multiplies its expert's gathered matrices (`Experts.gathered`): no sort or bincount, fixed shapes (eager,
+copying the matrices measured slower than the grouped GEMM). On disk the experts are
+per-expert HF keys (see checkpoint.py). Under expert parallelism (`Experts.ep` set, see expert_parallel.py) a
+rank holds E/N of them and tokens are dispatched to them.
 
 Balancing: the forward returns the per-expert load (token count) of the step as data; the model applies the
 auxiliary-loss-free update `b_i += gamma * sign(mean_load - load_i)` from it. The balance loss is either the
@@ -103,9 +106,23 @@ class Experts(nn.Module, ExpertAdapters):
             self.ep.check_adapters(self)  # LoRA factors sliced as the experts; one adapter per forward
             return self.ep.dispatch_combine(x, idx, weights, self.gate_up_proj.shape[0], self.grouped)
         N, K = idx.shape
+        if torch.compiler.is_compiling() and N * K <= self.gate_up_proj.shape[0] and not self.lora_A \
+                and not self.precision.fp8:
+            return self.gathered(x, idx, weights)  # a compiled decode step: fixed shapes, no bincount
         flat = idx.flatten()  # (N*K,) expert of each token copy
         order = flat.argsort(stable=True)
         return self.grouped(x, flat, order, order // K, weights.flatten(), N)
+
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token copy multiplies its own expert's matrices, gathered: x (N, H), idx/weights (N, K) -> (N, H).
+
+        No sort, bincount or scatter, and every shape is fixed (a compiled decode step needs that); it copies
+        N*K expert matrices, so it is used only while that is at most E (batch-1 decoding copies K of them)."""
+        h = (self.gate_up_proj[idx] @ x[:, None, :, None])[..., 0]  # (N, K, 2I, H) @ (N, 1, H, 1) -> (N, K, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        a = self.act(gate) * up  # (N, K, I)
+        y = (self.down_proj[idx] @ a[..., None])[..., 0]  # (N, K, H)
+        return (y * weights[..., None]).sum(1).to(x.dtype)
 
     def grouped(self, x, flat, order, token, w, N):
         """The held experts on token copies: x (N, H) rows, flat (C,) expert of each copy, order (C,) sorts them

@@ -377,7 +377,7 @@ class CausalLM(nn.Module):
                  eos_token_id: int | None = None, adapter: str | torch.Tensor | None = None,
                  adapter_names: list[str] | None = None, prompt_lengths: torch.Tensor | None = None,
                  speculative: bool = False, num_speculative_tokens: int | None = None,
-                 return_stats: bool = False):
+                 return_stats: bool = False, compile: bool = False):
         """Continue each row of input_ids (B, T) by up to max_new_tokens tokens using the KV cache.
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the top_k
@@ -391,6 +391,8 @@ class CausalLM(nn.Module):
         is the same as without it (token for token when greedy, in distribution when sampling).
         return_stats: also return a dict (forwards; for speculative decoding also the acceptance by draft
         position and the mean accepted length), as (tokens, stats).
+        compile: torch.compile the one-token decode step (plain decoding without adapters; fastdecode.py). The
+        first call per shape compiles (seconds on a GPU, minutes on a busy CPU); the output is the same.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -407,7 +409,7 @@ class CausalLM(nn.Module):
         try:
             gen = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
             run = decoding.Decode(self, input_ids, lengths, max_new_tokens, temperature, top_k, top_p, gen,
-                                  eos_token_id, adapter, adapter_names)
+                                  eos_token_id, adapter, adapter_names, compile)
             out, stats = decoding.speculative_decode(run, k) if speculative else decoding.plain_decode(run)
         finally:
             self.train(was_training)

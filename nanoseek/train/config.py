@@ -80,8 +80,11 @@ class TrainConfig:
     # system
     seed: int = flag(1337, "seed for init, data order and dropout")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = flag("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
+    dtype: str = flag("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16 GEMMs, AVX512-BF16 or "
+                              "AMX; fp32 otherwise), float32 or bfloat16; weights and loss stay fp32")
     compile: bool = flag(False, "torch.compile the model")
+    threads: int = flag(0, "CPU threads for torch; 0: OMP_NUM_THREADS if set, else the cores idle now by the load "
+                           "average, at least 1 (train/threads.py: oversubscribed OpenMP threads can be 20x slower)")
     fp8: bool = flag(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "
                           "weight blocks, E4M3, fp32 accumulation; emulated on CPU); checkpoints stay fp32")
     fsdp: bool = flag(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
@@ -123,6 +126,8 @@ class TrainConfig:
             bad("expert_parallel", "must be a positive integer")
         if self.expert_parallel > 1 and (self.fsdp or self.compile):
             bad("expert_parallel", "cannot be combined with --fsdp or --compile (not built)")
+        if self.threads < 0:
+            bad("threads", "must be >= 0 (0: automatic)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             bad("dtype", "must be auto, float32 or bfloat16")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

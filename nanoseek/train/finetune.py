@@ -116,7 +116,8 @@ class FinetuneConfig:
     completion_lines: int = flag(8, "built-in tasks: lines to complete")
     seed: int = flag(0, "seed of the data order and the adapter's initialisation")
     device: str = flag("auto", "auto, cpu, cuda")
-    dtype: str = flag("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16 or float32")
+    dtype: str = flag("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16 GEMMs; fp32 otherwise), "
+                              "bfloat16 or float32")
     resume: str | None = flag(None, "a checkpoint directory or 'latest' to continue from; bare flag = latest",
                                 const="latest")
     plots: bool = flag(True, "write PNG plots of the metrics")

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from ..config import IGNORE_INDEX
+from .autocast import autocast_context as dtype_context
+from .autocast import resolve_dtype
 from .distributed import Dist
 from .expert_parallel import ExpertParallel
 from .metrics import MetricsLog, max_vio, peak_flops, peak_memory_bytes
@@ -313,8 +315,5 @@ def micro_weights(targets: list[torch.Tensor], d: Dist) -> list[float]:
 
 
 def autocast_context(cfg, device: torch.device):
-    """bf16 autocast when cfg.dtype is "bfloat16", or "auto" on CUDA; a no-op context otherwise (fp32)."""
-    want_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if want_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast when cfg.dtype resolves to bfloat16 (auto: CUDA, or a CPU with native bf16; autocast.py)."""
+    return dtype_context(resolve_dtype(cfg.dtype, device), device)
