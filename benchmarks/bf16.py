@@ -20,17 +20,17 @@ import copy
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from side_by_side import train_step  # noqa: E402  (benchmarks/side_by_side.py)
 
 from nanoseek import Model, ModelConfig  # noqa: E402
 from nanoseek.data import PackedLoader, eval_batches, get_or_train_tokenizer, load_corpus, tokenize_corpus  # noqa: E402
 from nanoseek.train.autocast import autocast_context, cpu_has_native_bf16  # noqa: E402
-from nanoseek.train.optim import configure_optimizer, lr_at, set_lr  # noqa: E402
+from nanoseek.train.optim import configure_optimizer, lr_at  # noqa: E402
 
 BOUND = 0.01  # issue 16: validation bits/byte at equal steps within 1 % of fp32
 
@@ -74,18 +74,8 @@ def main() -> None:
         x, y = loader.next_batch()
         lr = lr_at(step, args.lr, args.steps, warmup_steps=args.steps // 10)
         for k in (("float32", "bfloat16") if step % 2 == 0 else ("bfloat16", "float32")):
-            m, opt = models[k], opts[k]
-            set_lr(opt, lr)
-            t0 = time.perf_counter()
-            with autocast_context(k, "cpu"):
-                out = m(x, targets=y, return_output=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            m.update_router_bias(0.001)
-            secs[k] += time.perf_counter() - t0
-            last[k] = out.main_loss.item()
+            last[k], sec = train_step(models[k], opts[k], x, y, lr, autocast_context(k, "cpu"))
+            secs[k] += sec
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             print(f"step {step:4d}  fp32 {last['float32']:.4f}  bf16 {last['bfloat16']:.4f}", flush=True)
     vals = {k: val_loss(m, val, k, args) for k, m in models.items()}

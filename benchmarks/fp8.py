@@ -31,13 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from side_by_side import train_step  # noqa: E402  (benchmarks/side_by_side.py)
 
 from nanoseek import Model, ModelConfig  # noqa: E402
 from nanoseek.data import PackedLoader, eval_batches, get_or_train_tokenizer, load_corpus, tokenize_corpus  # noqa: E402
 from nanoseek.fp8 import Precision, _tiles_x_blocks, quantize_blocks, quantize_tiles  # noqa: E402
 from nanoseek.model.layers import Linear  # noqa: E402
 from nanoseek.model.moe import Experts  # noqa: E402
-from nanoseek.train.optim import configure_optimizer, lr_at, set_lr  # noqa: E402
+from nanoseek.train.optim import configure_optimizer, lr_at  # noqa: E402
 
 V3_BOUND = 0.0025  # DeepSeek-V3 report: FP8 loss relative error vs BF16 stays below 0.25 %
 
@@ -99,18 +100,10 @@ def loss_run(width: int, args, device) -> dict:
         x, y = loader.next_batch()
         lr = lr_at(step, args.lr, args.steps, warmup_steps=args.steps // 10)
         for k in order[step % len(order):] + order[:step % len(order)]:  # rotate who runs first
-            m, opt = models[k], opts[k]
-            set_lr(opt, lr)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=k == "bf16"):
-                out = m(x, targets=y, return_output=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            m.update_router_bias(0.001)
-            secs[k] += time.perf_counter() - t0
-            hist[k].append(out.main_loss.item())
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=k == "bf16")
+            loss, sec = train_step(models[k], opts[k], x, y, lr, ctx)
+            secs[k] += sec
+            hist[k].append(loss)
         if step % max(1, args.steps // 6) == 0 or step == args.steps - 1:
             print(f"  width {width} step {step:4d}  " + "  ".join(f"{k} {h[-1]:.4f}" for k, h in hist.items()),
                   flush=True)
