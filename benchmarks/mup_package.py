@@ -34,6 +34,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mup_vs_sp import floats  # noqa: E402  (benchmarks/mup_vs_sp.py: "2^k" or plain floats)
+
 from nanoseek import sweep  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.data.loader import PackedLoader  # noqa: E402
@@ -156,8 +158,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     widths = [int(w) for w in args.widths.split(",")]
-    lrs = [2.0 ** float(v[2:]) if v.startswith("2^") else float(v) for v in args.lrs.split(",")]
-    proxy_lrs = [2.0 ** float(v[2:]) if v.startswith("2^") else float(v) for v in args.proxy_lrs.split(",")]
+    lrs, proxy_lrs = floats(args.lrs), floats(args.proxy_lrs)
     arms = [a for a in args.arms.split(",") if a == "ours" or mup is not None]
     base = TrainConfig(preset="gpt2-tiny", seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
                        warmup_steps=max(1, args.steps // 10), eval_batches=args.eval_batches,
