@@ -12,7 +12,7 @@ No token is dropped: every token reaches its k experts.
 Routed experts are stacked weights (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), HF's in-memory layout)
 run by `linear.grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
 every expert's rows (`torch._grouped_mm`; a padded batched matmul where that kernel is unavailable). There
-is no Python loop over experts. In a compiled step with at most E token copies (decoding a few rows) each copy
+is no Python loop over experts. Token counts per expert are a scatter-add (`expert_counts`). In a compiled step with at most E token copies (decoding a few rows) each copy
 instead multiplies its expert's gathered matrices (`Experts.gathered`): no sort or bincount, fixed shapes (eager,
 copying the matrices measured slower than the grouped GEMM). On disk the experts are
 per-expert HF keys (see checkpoint.py). Under expert parallelism (`Experts.ep` set, see expert_parallel.py) a
@@ -34,6 +34,14 @@ from ..config import ModelConfig
 from ..fp8 import PLAIN, Precision
 from .layers import SwiGLU, activation
 from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm
+
+
+def expert_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How many entries of idx (any shape) name each of n experts: (n,) int64. A scatter-add, not `bincount`:
+    its output shape does not depend on the data, so a compiled step does not break its graph here (bincount's
+    did, and the break inside a context manager sent whole decode frames back to eager)."""
+    flat = idx.flatten()
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class Gate(nn.Module, LinearAdapters):
@@ -127,7 +135,7 @@ class Experts(nn.Module, ExpertAdapters):
     def grouped(self, x, flat, order, token, w, N):
         """The held experts on token copies: x (N, H) rows, flat (C,) expert of each copy, order (C,) sorts them
         by expert, token (C,) row of each sorted copy, w (C,) weight of each copy -> (N, H) weighted sums."""
-        offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+        offs = expert_counts(flat, self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
         xs = x[token]  # (N*K, H) token copies sorted by expert
         h = self.precision.grouped(xs, self.gate_up_proj.transpose(1, 2), offs, grouped_mm)  # (N*K, 2I)
         h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
@@ -164,7 +172,7 @@ class MoE(nn.Module):
         y = self.experts(flat, idx, weights).view(B, T, H)
         if self.cfg.n_shared_experts:
             y = y + self.shared_experts(x)
-        load = torch.bincount(idx.flatten(), minlength=self.gate.n_experts).detach()
+        load = expert_counts(idx, self.gate.n_experts).detach()
         loss = self.balance_loss(logits, scores, idx, B, T) if want_loss else None
         return y, load, loss
 

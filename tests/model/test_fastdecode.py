@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek.model.attention import KVCache
-from nanoseek.model.fastdecode import BUCKET, make_cache, static_length, wants_static
+from nanoseek.model.fastdecode import BUCKET, make_cache, static_length, step, wants_static
 from tests import tiny
 from tests.tiny import make_model
 
@@ -81,3 +81,16 @@ def test_compiled_decode_step_gives_the_same_tokens(name):
 def test_static_cache_when_compiling_or_on_cuda():
     assert wants_static(True, torch.device("cpu")) and wants_static(False, torch.device("cuda"))
     assert not wants_static(False, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decode_step_traces_as_one_graph(name):
+    """Dynamo (no Inductor: cheap) sees the one-token step as one graph: no data-dependent break (a `bincount`
+    of the expert load once broke it inside a context manager and sent whole frames back to eager)."""
+    model = make_model(CONFIGS[name]()).eval()
+    cache = make_cache(model, 1, 12)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 4)), cache=cache)
+        explained = torch._dynamo.explain(step)(model, torch.randint(0, 64, (1, 1)), cache)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
