@@ -12,10 +12,12 @@ No token is dropped: every token reaches its k experts.
 Routed experts are stacked weights (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), HF's in-memory layout)
 run by `linear.grouped_mm`: token copies are sorted by expert once, then one grouped GEMM per projection computes
 every expert's rows (`torch._grouped_mm`; a padded batched matmul where that kernel is unavailable). There
-is no Python loop over experts. Token counts per expert are a scatter-add (`expert_counts`). In a compiled step with at most E token copies (decoding a few rows) each copy
-instead multiplies its expert's gathered matrices (`Experts.gathered`): no sort or bincount, fixed shapes (eager,
-copying the matrices measured slower than the grouped GEMM). On disk the experts are
-per-expert HF keys (see checkpoint.py). Under expert parallelism (`Experts.ep` set, see expert_parallel.py) a
+is no Python loop over experts, and token counts per expert are a scatter-add (`expert_counts`). In a compiled
+step with at most E token copies (decoding a few rows) each copy instead multiplies its expert's gathered
+matrices (`Experts.gathered`): no sort, fixed shapes (eager, copying the matrices measured slower than the grouped
+GEMM; reading each copy's expert in place with `.item()` measured no faster compiled, slower eager). On disk the
+experts are per-expert HF keys (see checkpoint.py). Under expert parallelism (`Experts.ep` set, see
+expert_parallel.py) a
 rank holds E/N of them and tokens are dispatched to them.
 
 Balancing: the forward returns the per-expert load (token count) of the step as data; the model applies the
