@@ -17,8 +17,7 @@ step with at most E token copies (decoding a few rows) each copy instead multipl
 matrices (`Experts.gathered`): no sort, fixed shapes (eager, copying the matrices measured slower than the grouped
 GEMM; reading each copy's expert in place with `.item()` measured no faster compiled, slower eager). On disk the
 experts are per-expert HF keys (see checkpoint.py). Under expert parallelism (`Experts.ep` set, see
-expert_parallel.py) a
-rank holds E/N of them and tokens are dispatched to them.
+expert_parallel.py) a rank holds E/N of them and tokens are dispatched to them.
 
 Balancing: the forward returns the per-expert load (token count) of the step as data; the model applies the
 auxiliary-loss-free update `b_i += gamma * sign(mean_load - load_i)` from it. The balance loss is either the
