@@ -366,10 +366,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_attention_heads=12, max_position_embeddings=1024, intermediate_size=3072,
                       hidden_act="gelu_new", rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=True,
                       bos_token_id=50256, eos_token_id=50256, pad_token_id=None),
-    # A small GPT-2 for CPU experiments and tests.
+    # A small GPT-2 for CPU experiments and tests. Exact GELU (HF "gelu", nanoGPT's) instead of GPT-2's tanh
+    # approximation: the CPU kernel of the approximation took 3x as long (BENCHMARKS.md, "Fast by default").
     "gpt2-tiny": dict(model_type="gpt2", vocab_size=4096, hidden_size=128, num_hidden_layers=4,
                       num_attention_heads=4, max_position_embeddings=1024, intermediate_size=512,
-                      hidden_act="gelu_new", rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=True),
+                      hidden_act="gelu", rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=True),
     # Trains on 2 CPU cores in minutes: every DeepSeek-V3 feature at toy size.
     "dsv3-tiny": dict(model_type="deepseek_v3"),
     # About 0.5B total / 0.15B active: one GPU.

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import IGNORE_INDEX, ModelConfig
 from . import decoding
@@ -153,6 +154,8 @@ class CausalLM(nn.Module):
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.expert_load_accum: torch.Tensor | None = None  # (n_moe_layers, E) fp32, summed in training
         self.lora_context = LoraContext()  # the adapters and which one this forward runs (linear.py)
+        # recompute each block's activations in the backward instead of keeping them (--activation-checkpointing)
+        self.activation_checkpointing = False
         self._register_state_dict_hook(drop_lora_from_state_dict)  # adapters: save_adapter only
         self.register_load_state_dict_post_hook(ignore_missing_lora)
         self.tie_weights()
@@ -283,7 +286,7 @@ class CausalLM(nn.Module):
         x = t.wte(input_ids) + t.wpe(positions)
         x = t.drop(x if self.config.embedding_multiplier == 1.0 else x * self.config.embedding_multiplier)
         for block in t.h:
-            x = block(x, cache)
+            x = self._block(block, x, cache)
         return x
 
     def _deepseek_trunk(self, input_ids, positions, cache, want_loss, absorb):
@@ -292,9 +295,16 @@ class CausalLM(nn.Module):
         cos, sin = m.rotary(positions.expand(input_ids.shape[0], -1), x.dtype)
         loads, bal = [], []
         for layer in m.layers:
-            x, load, loss = layer(x, m.rotary, cos, sin, cache, want_loss, absorb)
+            x, load, loss = self._block(layer, x, m.rotary, cos, sin, cache, want_loss, absorb)
             self._collect(load, loss, loads, bal)
         return x, loads, bal, (cos, sin)
+
+    def _block(self, block: nn.Module, *args):
+        """block(*args), under activation checkpointing while training: only the block's input is kept, its
+        activations are recomputed in the backward (same dropout masks: the RNG state is replayed)."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     @staticmethod
     def _collect(load, loss, loads, bal):

@@ -83,6 +83,8 @@ class TrainConfig:
     dtype: str = flag("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16 GEMMs, AVX512-BF16 or "
                               "AMX; fp32 otherwise), float32 or bfloat16; weights and loss stay fp32")
     compile: bool = flag(False, "torch.compile the model")
+    activation_checkpointing: bool = flag(False, "keep only each block's input and recompute its activations in the "
+                                                 "backward: less memory for long sequences, ~1/3 more compute")
     threads: int = flag(0, "CPU threads for torch; 0: OMP_NUM_THREADS if set, else the cores idle now by the load "
                            "average, at least 1 (train/threads.py: oversubscribed OpenMP threads can be 20x slower)")
     fp8: bool = flag(False, "fine-grained FP8 projections and routed experts (1x128 activation tiles, 128x128 "

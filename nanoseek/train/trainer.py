@@ -70,6 +70,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
         check_mesh(d.world_size, cfg.expert_parallel, mcfg.n_routed_experts)
     model = Model(mcfg, device=device)  # init consumes the seeded torch RNG identically on every rank
     model.set_precision("fp8" if cfg.fp8 else "plain")
+    model.activation_checkpointing = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout streams differ per rank
     # wrap before building the optimizer: FSDP2 swaps the parameters for sharded DTensor ones, expert
     # parallelism keeps only this rank's experts

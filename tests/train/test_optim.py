@@ -57,3 +57,33 @@ def test_schedule_is_pure_function():
     a = [lr_at(s, 3e-3, 50, 5) for s in range(50)]
     b = [lr_at(s, 3e-3, 50, 5) for s in reversed(range(50))][::-1]
     assert a == b and all(math.isfinite(x) for x in a)
+
+
+def test_fused_step_on_cpu_equals_the_default_step():
+    """configure_optimizer takes torch's fused AdamW on the CPU; 5 steps of it equal the default (foreach)
+    implementation's up to rounding, for every group (decay and no-decay)."""
+    import torch
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = Model(ModelConfig.from_preset("dsv3-tiny", hidden_size=64, num_hidden_layers=2, vocab_size=256))
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = configure_optimizer(model, lr=1e-2)
+        assert all(g["fused"] is True for g in opt.param_groups)  # the CPU's fused kernel is picked
+        if not fused:
+            for g in opt.param_groups:
+                g["fused"], g["foreach"] = None, True
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randint(0, 256, (2, 16), generator=g)
+            model(x, targets=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return init, model.state_dict()
+
+    init, fused = run(True)
+    _, plain = run(False)
+    for k, v in plain.items():
+        moved = (v - init[k]).abs().max()  # ~lr * steps
+        assert (fused[k] - v).abs().max() <= 1e-3 * moved, k  # rounding, not a different update
+    assert not torch.equal(plain["model.embed_tokens.weight"], init["model.embed_tokens.weight"])  # they trained
