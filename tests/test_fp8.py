@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from nanoseek.fp8 import (
+    BLOCKS,
     FP8,
     FP8_MAX,
-    FP8GroupedMM,
+    TILES,
     FP8Linear,
+    FrozenFP8GroupedWeight,
     Precision,
     blockwise_scaled_mm_ok,
     dequantize_blocks,
     dequantize_tiles,
+    fp8_grouped_mm,
+    fp8_mm,
     quantize_blocks,
     quantize_tiles,
 )
@@ -133,7 +137,7 @@ def test_grouped_fp8_vs_fp32_and_bias_free_grads():
     offs = torch.tensor([10, 10, 37, 50], dtype=torch.int32)  # an empty group too
     x = torch.randn(50, K, requires_grad=True)
     w = (torch.randn(E, K, N) * 0.05).requires_grad_()
-    y = FP8GroupedMM.apply(x, w, offs, grouped_mm, Precision("fp8"))
+    y = Precision("fp8").grouped(x, w, offs, grouped_mm)
     y0 = grouped_mm(x, w, offs)
     g = torch.randn_like(y0)
     dx, dw = torch.autograd.grad(y, (x, w), g)
@@ -141,6 +145,58 @@ def test_grouped_fp8_vs_fp32_and_bias_free_grads():
     for a, b in ((y, y0), (dx, dx0), (dw, dw0)):
         assert 1e-4 < ((a - b).norm() / b.norm()).item() < 0.05
     assert dw[1].abs().max() == 0  # the empty expert gets no gradient
+
+
+@pytest.mark.parametrize("M,K,N", [(64, 256, 384), (50, 200, 130)])
+def test_fp8_mm_emulation_is_dequantize_then_fp32_matmul(M, K, N):
+    torch.manual_seed(0)
+    aq, sa = quantize_tiles(torch.randn(M, K))
+    bq, sb = quantize_blocks(torch.randn(N, K))
+    want = dequantize_tiles(aq, sa) @ dequantize_blocks(bq, sb).t()
+    assert torch.equal(fp8_mm(aq, sa, bq, sb, BLOCKS, native=False), want)
+    tq, ts = quantize_tiles(torch.randn(N, K))
+    want = dequantize_tiles(aq, sa) @ dequantize_tiles(tq, ts).t()
+    assert torch.equal(fp8_mm(aq, sa, tq, ts, TILES, native=False), want)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 320, 200), (2, 128, 256, 384), (3, 7, 130, 5)])
+def test_fp8_linear_unchanged_bit_for_bit_on_cpu(shape):
+    """Forward, dgrad and wgrad through fp8_mm equal the formulas the FP8 linear had before it (emulation)."""
+    B, T, K, N = shape
+    torch.manual_seed(1)
+    x = torch.randn(B, T, K, requires_grad=True)
+    w = (torch.randn(N, K) * 0.05).requires_grad_()
+    y = Precision("fp8").linear(x, w, None)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    xq, xs = quantize_tiles(x.detach().reshape(-1, K))
+    wq, ws = quantize_blocks(w.detach())
+    y0 = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
+    gq, gs = quantize_tiles(g.reshape(-1, N))
+    dx0 = dequantize_tiles(gq, gs) @ dequantize_blocks(wq, ws)
+    gtq, gts = quantize_tiles(g.reshape(-1, N).t())
+    xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t())
+    dw0 = dequantize_tiles(gtq, gts) @ dequantize_tiles(xtq, xts).t()
+    assert torch.equal(y.reshape(-1, N), y0) and torch.equal(dx.reshape(-1, K), dx0) and torch.equal(dw, dw0)
+
+
+def test_frozen_grouped_weight_is_the_dequantized_grouped_gemm():
+    torch.manual_seed(0)
+    E, K, N = 4, 160, 96
+    offs = torch.tensor([10, 10, 37, 50], dtype=torch.int32)
+    x = torch.randn(50, K, requires_grad=True)
+    wq, ws = quantize_blocks(torch.randn(E, N, K) * 0.05)  # stored (E, N, K), used transposed as (E, K, N)
+    wq, ws = wq.transpose(1, 2), ws.transpose(1, 2)
+    y = FrozenFP8GroupedWeight.apply(x, wq, ws, offs, grouped_mm)
+    wd = dequantize_blocks(wq, ws).requires_grad_()
+    y0 = grouped_mm(x, wd, offs)
+    g = torch.randn_like(y0)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y0, x, g)[0], rtol=1e-6, atol=1e-6)
+    yq = Precision("fp8").frozen_grouped(x, wq, ws, offs, grouped_mm)  # activations tiled too
+    xq, xs = quantize_tiles(x.detach())
+    assert torch.equal(yq, fp8_grouped_mm(xq, xs, wq, ws, offs, grouped_mm, native=False))
+    assert torch.autograd.grad(yq, x, g)[0].abs().sum() > 0
 
 
 def test_precision_rejects_unknown_name():
