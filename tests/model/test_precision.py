@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from nanoseek import Model
 from nanoseek.fp8 import FP8, dequantize_blocks
 from nanoseek.lora import LoraConfig
+from nanoseek.model.expert_parallel import ExpertGroup, shard_experts
 from nanoseek.model.linear import Linear
 from nanoseek.model.moe import EXPERT_PROJS, Experts
 from nanoseek.model.precision import dequantize_base, quantize_base
@@ -130,3 +131,14 @@ def test_fp8_base_merge_refuses_and_save_writes_ordinary_weights(tmp_path):
         y = model(x, adapter="a")
         model.merge_adapter("a")  # ordinary weights again: merging works
         torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_parallel_shards_the_fp8_experts_scales_too():
+    model = make_model(ds(hidden_size=256, moe_intermediate_size=128), std=0.05)
+    experts = model.model.layers[1].mlp.experts
+    quantize_base(model)
+    full = {p: (getattr(experts, p).clone(), getattr(experts, p + "_scale_inv").clone()) for p in EXPERT_PROJS}
+    shard_experts(model, ExpertGroup(2, 1))  # rank 1 of 2 keeps experts [4, 8)
+    for p, (q, s) in full.items():
+        assert torch.equal(getattr(experts, p).view(torch.uint8), q[4:].view(torch.uint8))
+        assert torch.equal(getattr(experts, p + "_scale_inv"), s[4:])
