@@ -15,11 +15,25 @@ does the same for the routed experts' grouped GEMM (blocks per expert); its wgra
 of x and g, because 128-token tiles would straddle expert boundaries (DeepGEMM pads each expert to 128
 instead). `Precision` is the recipe object a model's linears and experts consult ("plain" or "fp8").
 
-Matmuls. CPU (and CUDA without blockwise `torch._scaled_mm`): exact emulation, dequantize to fp32 and matmul
-in fp32, so every numerical claim is testable without a GPU; on CUDA that fallback warns once. CUDA with
-blockwise scaled_mm (SM90, probed once per device and cached on the recipe): the forward GEMM runs
-`torch._scaled_mm` with (M, K/128) and (K/128, N/128) outer-dim-major scales (untested here: no GPU was lent);
-dgrad, wgrad and the experts' grouped GEMM are still emulated (`torch._scaled_grouped_mm` is not wired yet).
+Matmuls. Every FP8 GEMM goes through `fp8_mm(a, sa, b, sb, kind, native)` = deq(a) deq(b)^T, both operands
+tiled along the reduction axis: forward (x tiles, W blocks), dgrad (g tiles along N, W^T blocks), wgrad (g^T
+and x^T tiles along tokens: kind TILES). CPU, and CUDA where the probe fails: the exact emulation (dequantize,
+one fp32 matmul), so every numerical claim is testable without a GPU; on CUDA that warns once per kind. CUDA
+where `blockwise_scaled_mm_ok(device, kind)` passes (one tiny real call per kind compared with the emulation,
+cached per device on the recipe): `torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=bf16)`. The layouts
+its blockwise kernels accept (PyTorch's ScaledBlas.cpp, `is_blockwise_1x128_scaling` / `..._128x128_...`, and
+the shape checks of torch/_meta_registrations.py; cuBLASLt >= 12.9, SM90): a row-major, b.t() column-major;
+scale_a (M, ceil(K/128)) fp32 outer-dim-major (strides (1, M)); scale_b for 128x128 is (ceil(K/128),
+ceil(N/128)) whose transpose is row-major, i.e. `ws.t()` of the (N/128, K/128) block scales; for 1x128 it is
+(ceil(K/128), N) row-major (its transpose (N, K/128) outer-dim-major). Pairs accepted: 1x128 x 128x128,
+128x128 x 1x128, 1x128 x 1x128. Used only where K % 128 == 0, M % 16 == 0 and N % 128 (blocks) / 16 (tiles)
+== 0; other shapes are emulated. The grouped expert GEMM (`fp8_grouped_mm`): `torch._scaled_grouped_mm` in
+the installed torch (2.13) takes only rowwise fp32 scales (one per row of A and per column of each expert's
+B) or MXFP8 e8m0 1x32 scales (SM100), not 1x128 / 128x128 (its meta checks, GroupedBlas.cpp's dispatch table);
+PyTorch main adds 1x128 / 128x128 recipes to `_scaled_grouped_mm_v2` through cuBLASLt's grouped GEMM (CUDA
+>= 13.4, SM90) with cuBLASLt's own blocked scale storage, not wired here (unverifiable without a GPU). So on
+CUDA the forward and dgrad run one blockwise fp8_mm per expert (a host sync for the group offsets), else the
+plain grouped GEMM on the dequantized operands. Not yet run on a GPU (none was lent): the `gpu` tests check it.
 The backward re-quantizes W from the parameter (bit-identical blocks) instead of saving an fp8 copy of it:
 a training step then holds no per-layer weight copy (a frozen FP8 base saves its blocks, which are the weight).
 

@@ -204,17 +204,46 @@ def test_precision_rejects_unknown_name():
         Precision("fp4")
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_native_blockwise_matches_emulation():
+@pytest.mark.parametrize("kind", [BLOCKS, TILES])
+def test_native_fp8_mm_matches_emulation(kind):
     dev = torch.device("cuda")
-    if not blockwise_scaled_mm_ok(dev):
+    if not blockwise_scaled_mm_ok(dev, kind):
+        pytest.skip(f"no blockwise torch._scaled_mm for 1x128 x {kind} on this device")
+    aq, sa = quantize_tiles(torch.randn(256, 512, device=dev))
+    bq, sb = (quantize_blocks if kind == BLOCKS else quantize_tiles)(torch.randn(384, 512, device=dev) * 0.05)
+    assert _rel(fp8_mm(aq, sa, bq, sb, kind, native=True), fp8_mm(aq, sa, bq, sb, kind, native=False)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_native_linear_and_grouped_match_the_cpu_emulation():
+    """Forward, dgrad, wgrad of the FP8 linear and forward + dgrad of the grouped GEMM on CUDA (native where the
+    probe passes) against the same computation emulated on the CPU: bf16 output rounding only."""
+    dev = torch.device("cuda")
+    if not Precision("fp8").native(dev):
         pytest.skip("no blockwise torch._scaled_mm on this device")
-    x = torch.randn(256, 512, device=dev)
-    w = torch.randn(384, 512, device=dev) * 0.05
-    r = Precision("fp8")
-    y = r.linear(x, w, None)
-    xq, xs = quantize_tiles(x)
-    wq, ws = quantize_blocks(w)
-    ref = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding only
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 512), torch.randn(384, 512) * 0.05
+    g = torch.randn(256, 384)
+    out = {}
+    for d in ("cpu", "cuda"):
+        xd, wd = x.to(d).requires_grad_(), w.to(d).requires_grad_()
+        y = Precision("fp8").linear(xd, wd, None)
+        out[d] = (y, *torch.autograd.grad(y, (xd, wd), g.to(d)))
+    for a, b in zip(out["cuda"], out["cpu"], strict=True):
+        assert _rel(a.cpu(), b) < 1e-2
+    offs = torch.tensor([128, 128, 384, 512], dtype=torch.int32)  # an empty expert too
+    xe, we, ge = torch.randn(512, 256), torch.randn(4, 256, 384) * 0.05, torch.randn(512, 384)
+    res = {}
+    for d in ("cpu", "cuda"):
+        xd, wd = xe.to(d).requires_grad_(), we.to(d).requires_grad_()
+        y = Precision("fp8").grouped(xd, wd, offs.to(d), grouped_mm)
+        res[d] = (y, *torch.autograd.grad(y, (xd, wd), ge.to(d)))
+    for a, b in zip(res["cuda"], res["cpu"], strict=True):
+        assert _rel(a.cpu(), b) < 1e-2
