@@ -6,9 +6,10 @@ CPU (emulated FP8: quantize, dequantize, fp32 matmul; see nanoseek/fp8.py):
     FP8 run's loss against the fp32 run (last-50-step mean of the training loss, and the validation loss at the
     end), against the DeepSeek-V3 report's < 0.25 % (V3 section 3.3, measured there vs BF16 at 16B/230B scale).
   * memory: bytes the autograd graph saves for one forward (torch.autograd.graph.saved_tensors_hooks,
-    distinct storages), plain vs fp8; and the bytes of the projection weights (every linear but lm_head, and the
-    routed experts) held in bf16 vs what `precision.quantize_base` (the frozen base of `--base-fp8`) leaves
-    in the model: 128x128 FP8 blocks + fp32 scale buffers.
+    distinct storages), plain vs fp8, the latter with and without the SwiGLU recomputation of
+    `Precision.recompute`; and the bytes of the projection weights (every linear but lm_head, and the routed
+    experts) held in bf16 vs what `precision.quantize_base` (the frozen base of `--base-fp8`) leaves in the
+    model: 128x128 FP8 blocks + fp32 scale buffers.
 GPU (only when CUDA is present; otherwise the section prints that it was skipped):
   * GEMM TFLOP/s at M = N = K in 1024..8192: bf16 torch.mm vs blockwise FP8 through `fp8.fp8_mm`, the
     forward/dgrad kind (1x128 x 128x128) and the wgrad kind (1x128 x 1x128), torch._scaled_mm when the probe
@@ -130,18 +131,18 @@ def saved_bytes(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[int, in
     """Bytes of distinct storages the autograd graph holds after one training forward (parameters excluded),
     and the part of them that is fp8 (the projections' quantized inputs)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, tuple[int, bool]] = {}
+    seen: dict[int, tuple[torch.Tensor, int, bool]] = {}  # the tensor is held: no address reuse, no miscount
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in params:
-            seen[s.data_ptr()] = (s.nbytes(), t.dtype == torch.float8_e4m3fn)
+            seen[s.data_ptr()] = (t, s.nbytes(), t.dtype == torch.float8_e4m3fn)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(x, targets=y)
     del loss
-    return sum(n for n, _ in seen.values()), sum(n for n, fp8 in seen.values() if fp8)
+    return sum(n for _, n, _ in seen.values()), sum(n for _, n, fp8 in seen.values() if fp8)
 
 
 def projection_weights(model: Model) -> list[torch.Tensor]:
@@ -161,12 +162,16 @@ def memory(width: int, args, device) -> dict:
     x = torch.randint(0, plain.config.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
     act = {k: saved_bytes(m, x[:, :-1], x[:, 1:])[0] for k, m in (("fp32", plain), ("fp8", fp8))}
     fp8_inputs = saved_bytes(fp8, x[:, :-1], x[:, 1:])[1]  # the projections' inputs, 1 byte per element
+    fp8.set_precision("fp8").recompute = False  # as before SwiGLU recomputation: act(gate) saved too
+    act["fp8_no_recompute"] = saved_bytes(fp8, x[:, :-1], x[:, 1:])[0]
     bf16 = sum(w.numel() * 2 for w in projection_weights(plain))
     quantize_base(plain)  # what `finetune --base-fp8` holds: blocks in place of the weights, + the scale buffers
     fp8_bytes = sum(w.numel() * w.element_size() for w in projection_weights(plain)) + \
         sum(b.numel() * b.element_size() for n, b in plain.named_buffers() if n.endswith("_scale_inv"))
     return {"width": width, "saved_act_bytes_fp32": act["fp32"], "saved_act_bytes_fp8": act["fp8"],
             "saved_act_ratio": act["fp8"] / act["fp32"], "saved_fp8_input_bytes": fp8_inputs,
+            "saved_act_bytes_fp8_no_recompute": act["fp8_no_recompute"],
+            "saved_act_ratio_no_recompute": act["fp8_no_recompute"] / act["fp32"],
             "base_bytes_bf16": bf16, "base_bytes_fp8": fp8_bytes,
             "base_ratio": fp8_bytes / bf16}
 
@@ -277,11 +282,12 @@ def main(argv=None) -> int:
             print(f"|  | fp8 vs bf16 (V3's comparison, bound < {100 * V3_BOUND:.2f}%) | | | | "
                   f"{100 * r['val_rel_err_fp8_vs_bf16']:.2f}% | |")
     mem = [memory(w, args, cpu) for w in mem_widths]
-    print("\n| width | saved activations fp32 | fp8 | ratio | of which fp8 inputs (fp32 would be 4x) | "
-          "projection weights bf16 | FP8 blocks+scales | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| width | saved activations fp32 | fp8 without SwiGLU recompute | ratio | fp8 | ratio | "
+          "of which fp8 inputs (fp32 would be 4x) | projection weights bf16 | FP8 blocks+scales | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in mem:
         print(f"| {r['width']} | {r['saved_act_bytes_fp32'] / 2**20:.2f} MiB | "
+              f"{r['saved_act_bytes_fp8_no_recompute'] / 2**20:.2f} MiB | {r['saved_act_ratio_no_recompute']:.3f} | "
               f"{r['saved_act_bytes_fp8'] / 2**20:.2f} MiB | {r['saved_act_ratio']:.3f} | "
               f"{r['saved_fp8_input_bytes'] / 2**20:.2f} MiB | "
               f"{r['base_bytes_bf16'] / 2**20:.3f} MiB | "

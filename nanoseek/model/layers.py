@@ -55,7 +55,7 @@ class SwiGLU(nn.Module):
         self.act = activation(act)
 
     def forward(self, x):  # (..., H) -> (..., H)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.down_proj.precision.glu(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class GPT2MLP(nn.Module):

@@ -135,7 +135,7 @@ class Experts(nn.Module, ExpertAdapters):
         h = self._base(xs, "gate_up_proj", offs)  # (N*K, 2I)
         h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
         gate, up = h.chunk(2, dim=-1)
-        a = self.act(gate) * up
+        a = self.precision.glu(self.act, gate, up)  # (N*K, I)
         y = self._base(a, "down_proj", offs)  # (N*K, H)
         y = self._lora(y, "down_proj", a, flat, order, token, offs, N)
         y = y * w[order, None]
