@@ -108,6 +108,15 @@ def test_fp8_base_logits_equal_a_model_of_the_dequantized_blocks(recipe):
     with torch.no_grad():
         for adapter in (None, "a"):
             torch.testing.assert_close(base(x, adapter=adapter), deq(x, adapter=adapter), rtol=1e-6, atol=1e-6)
+    grads = []
+    for m in (base, deq):  # the adapter's gradients through the frozen blocks = through the dequantized weights
+        m.train()
+        m.trainable_adapter("a")
+        m(x, targets=x, adapter="a").loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert any(".experts.lora_B.a." in n for n in grads[0]) and grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-5, atol=1e-7)
 
 
 def test_fp8_base_merge_refuses_and_save_writes_ordinary_weights(tmp_path):
