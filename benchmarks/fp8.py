@@ -6,7 +6,7 @@ CPU (emulated FP8: quantize, dequantize, fp32 matmul; see nanoseek/fp8.py):
     FP8 run's loss against the fp32 run (last-50-step mean of the training loss, and the validation loss at the
     end), against the DeepSeek-V3 report's < 0.25 % (V3 section 3.3, measured there vs BF16 at 16B/230B scale).
   * memory: bytes the autograd graph saves for one forward (torch.autograd.graph.saved_tensors_hooks,
-    distinct storages), plain vs fp8, the latter with and without the SwiGLU recomputation of
+    distinct storages), plain vs fp8, the latter with and without the MLP recomputation of
     `Precision.recompute`; and the bytes of the projection weights (every linear but lm_head, and the routed
     experts) held in bf16 vs what `precision.quantize_base` (the frozen base of `--base-fp8`) leaves in the
     model: 128x128 FP8 blocks + fp32 scale buffers.
@@ -55,7 +55,7 @@ def data(seq_len: int, batch: int, seed: int):
     return PackedLoader(train, seq_len, batch, seed=seed), val
 
 
-ARMS = ("fp32", "fp8", "fp32-perturbed", "bf16")
+ARMS = ("fp32", "fp8", "fp32-perturbed", "bf16", "fp8-no-recompute")
 
 
 def pair(width: int, seed: int, device) -> tuple[Model, Model]:
@@ -75,6 +75,8 @@ def arm_models(width: int, seed: int, device, arms) -> dict[str, Model]:
         m = copy.deepcopy(ref)
         if arm == "fp8":
             m.set_precision("fp8")
+        elif arm == "fp8-no-recompute":  # the same training bit for bit, MLPs not recomputed (time, memory)
+            m.set_precision("fp8").recompute = False
         elif arm == "fp32-perturbed":
             with torch.no_grad():
                 for p in m.parameters():
@@ -162,7 +164,7 @@ def memory(width: int, args, device) -> dict:
     x = torch.randint(0, plain.config.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
     act = {k: saved_bytes(m, x[:, :-1], x[:, 1:])[0] for k, m in (("fp32", plain), ("fp8", fp8))}
     fp8_inputs = saved_bytes(fp8, x[:, :-1], x[:, 1:])[1]  # the projections' inputs, 1 byte per element
-    fp8.set_precision("fp8").recompute = False  # as before SwiGLU recomputation: act(gate) saved too
+    fp8.set_precision("fp8").recompute = False  # MLP up-projections and SwiGLU not recomputed: all kept
     act["fp8_no_recompute"] = saved_bytes(fp8, x[:, :-1], x[:, 1:])[0]
     bf16 = sum(w.numel() * 2 for w in projection_weights(plain))
     quantize_base(plain)  # what `finetune --base-fp8` holds: blocks in place of the weights, + the scale buffers
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
                    help="hidden sizes for the memory table (one forward each; default: --widths)")
     p.add_argument("--arms", default="fp32,fp8,fp32-perturbed,bf16",
                    help="comma-separated runs trained side by side; fp32 is the reference and always runs: "
-                        f"{', '.join(ARMS)} (default all)")
+                        f"{', '.join(ARMS)} (default fp32,fp8,fp32-perturbed,bf16)")
     p.add_argument("--gemm-reps", type=int, default=20, help="GPU: timed repetitions per GEMM size")
     p.add_argument("--gpu-steps", type=int, default=5, help="GPU: timed end-to-end steps")
     args = p.parse_args(argv)
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
             print(f"|  | fp8 vs bf16 (V3's comparison, bound < {100 * V3_BOUND:.2f}%) | | | | "
                   f"{100 * r['val_rel_err_fp8_vs_bf16']:.2f}% | |")
     mem = [memory(w, args, cpu) for w in mem_widths]
-    print("\n| width | saved activations fp32 | fp8 without SwiGLU recompute | ratio | fp8 | ratio | "
+    print("\n| width | saved activations fp32 | fp8 without MLP recompute | ratio | fp8 | ratio | "
           "of which fp8 inputs (fp32 would be 4x) | projection weights bf16 | FP8 blocks+scales | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in mem:

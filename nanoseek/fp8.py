@@ -322,25 +322,6 @@ class FP8GroupedMM(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
-class RecomputedGLU(torch.autograd.Function):
-    """a = act(gate) * up saving only gate and up: act(gate) is recomputed in backward, by the same ops under
-    autograd, so the gradients are those of the plain expression bit for bit (one (..., I) tensor less saved)."""
-
-    @staticmethod
-    def forward(ctx, gate, up, act):
-        ctx.act = act
-        ctx.save_for_backward(gate, up)
-        return act(gate) * up
-
-    @staticmethod
-    def backward(ctx, g):
-        gate, up = (t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad))
-        want = [t for t in (gate, up) if t.requires_grad]
-        with torch.enable_grad():
-            got = iter(torch.autograd.grad(ctx.act(gate) * up, want, g))
-        return (next(got) if gate.requires_grad else None), (next(got) if up.requires_grad else None), None
-
-
 # ---------------------------------------------------------------------------------------------- recipe
 @dataclass(eq=False)
 class Precision:
@@ -348,7 +329,8 @@ class Precision:
 
     One object per model (set by `Model.set_precision`), consulted by every `linear.Linear.base_forward` and by
     the experts' grouped GEMMs. `quantize=False` keeps the FP8 code path with identity quantizers (gradcheck).
-    `recompute` (fp8 only): the SwiGLU products of the MLPs and experts save their inputs only (`glu`).
+    `recompute` (fp8 only): the MLPs and experts recompute their up-projections and SwiGLU in backward
+    (`recomputing`).
     """
 
     name: str = "plain"
@@ -375,11 +357,11 @@ class Precision:
                               "those GEMMs run emulated (dequantize + fp32 matmul), slower than bf16", stacklevel=3)
         return self._native[key]
 
-    def glu(self, act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """act(gate) * up; under "fp8" with `recompute`, act(gate) is recomputed in backward (RecomputedGLU)."""
-        if self.fp8 and self.recompute and torch.is_grad_enabled():
-            return RecomputedGLU.apply(gate, up, act)
-        return act(gate) * up
+    def recomputing(self) -> bool:
+        """Whether an MLP's a = act(x W_gate^T) * (x W_up^T) runs under activation checkpointing: only x is kept
+        (the MoE router keeps x anyway), the FP8 up-projection GEMMs and the SwiGLU are re-run in backward, by
+        the same deterministic ops, so values and gradients are those of the plain path bit for bit."""
+        return self.fp8 and self.recompute and torch.is_grad_enabled()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) W^T (+ b); b is added in high precision."""

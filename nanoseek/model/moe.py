@@ -33,7 +33,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..fp8 import FP8, PLAIN, SCALE_INV, Precision
 from .layers import SwiGLU, activation
-from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm
+from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm, recomputed
 
 EXPERT_PROJS = ("gate_up_proj", "down_proj")  # the stacked expert weights
 
@@ -131,15 +131,22 @@ class Experts(nn.Module, ExpertAdapters):
         """The held experts on token copies: x (N, H) rows, flat (C,) expert of each copy, order (C,) sorts them
         by expert, token (C,) row of each sorted copy, w (C,) weight of each copy -> (N, H) weighted sums."""
         offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
-        xs = x[token]  # (N*K, H) token copies sorted by expert
-        h = self._base(xs, "gate_up_proj", offs)  # (N*K, 2I)
-        h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
-        gate, up = h.chunk(2, dim=-1)
-        a = self.precision.glu(self.act, gate, up)  # (N*K, I)
+        if self.precision.recomputing():  # fp8: keep x only (the router keeps it too), re-run in backward
+            a = recomputed(self.hidden, self.lora_ctx, x, flat, order, token, offs, N)
+        else:
+            a = self.hidden(x, flat, order, token, offs, N)  # (N*K, I)
         y = self._base(a, "down_proj", offs)  # (N*K, H)
         y = self._lora(y, "down_proj", a, flat, order, token, offs, N)
         y = y * w[order, None]
         return torch.zeros(N, x.shape[1], device=x.device, dtype=y.dtype).index_add_(0, token, y).to(x.dtype)
+
+    def hidden(self, x, flat, order, token, offs, N):
+        """act(gate) * up of every sorted token copy: x (N, H) rows -> (N*K, I)."""
+        xs = x[token]  # (N*K, H) token copies sorted by expert
+        h = self._base(xs, "gate_up_proj", offs)  # (N*K, 2I)
+        h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
+        gate, up = h.chunk(2, dim=-1)
+        return self.act(gate) * up
 
     def _base(self, x: torch.Tensor, proj: str, offs: torch.Tensor) -> torch.Tensor:
         """x (M, in) sorted copies times each expert's base matrix `proj` (E, out, in), under the recipe."""
