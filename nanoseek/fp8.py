@@ -11,9 +11,10 @@ scale is exact). `dequantize_*` multiply back. `FP8Linear` is the linear `y = x 
     wgrad    dW = (g re-tiled 128x1, i.e. along tokens)^T (x re-tiled along tokens)
 
 The saved activation is the fp8 tensor + its scales (1 byte + 4/128 bytes per element, not 4). `FP8GroupedMM`
-does the same for the routed experts' grouped GEMM (blocks per expert); its wgrad uses the 1x128 row tiles
-of x and g, because 128-token tiles would straddle expert boundaries (DeepGEMM pads each expert to 128
-instead). `Precision` is the recipe object a model's linears and experts consult ("plain" or "fp8").
+does the same for the routed experts' grouped GEMM (blocks per expert); its wgrad re-tiles x and g along
+each expert's tokens, zero-padded per expert to a multiple of 128 so that no tile straddles two experts (as
+DeepGEMM pads each expert to 128 rows). `Precision` is the recipe object a model's linears and experts
+consult ("plain" or "fp8").
 
 Matmuls. Every FP8 GEMM goes through `fp8_mm(a, sa, b, sb, kind, native)` = deq(a) deq(b)^T, both operands
 tiled along the reduction axis: forward (x tiles, W blocks), dgrad (g tiles along N, W^T blocks), wgrad (g^T
@@ -33,7 +34,8 @@ B) or MXFP8 e8m0 1x32 scales (SM100), not 1x128 / 128x128 (its meta checks, Grou
 PyTorch main adds 1x128 / 128x128 recipes to `_scaled_grouped_mm_v2` through cuBLASLt's grouped GEMM (CUDA
 >= 13.4, SM90) with cuBLASLt's own blocked scale storage, not wired here (unverifiable without a GPU). So on
 CUDA the forward and dgrad run one blockwise fp8_mm per expert (a host sync for the group offsets), else the
-plain grouped GEMM on the dequantized operands. Not yet run on a GPU (none was lent): the `gpu` tests check it.
+plain grouped GEMM on the dequantized operands; the wgrad is one fp8_mm (1x128 x 1x128) per expert always.
+Not yet run on a GPU (none was lent): the `gpu` tests check it.
 The backward re-quantizes W from the parameter (bit-identical blocks) instead of saving an fp8 copy of it:
 a training step then holds no per-layer weight copy (a frozen FP8 base saves its blocks, which are the weight).
 
@@ -170,6 +172,25 @@ def fp8_grouped_mm(a, sa, wq, ws, offs, mm, native: bool) -> torch.Tensor:
     return out
 
 
+def fp8_grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, pow2: bool, native: bool) -> torch.Tensor:
+    """Per expert dW_e = x_e^T g_e with x_e, g_e re-tiled along that expert's tokens (1x128 tiles of x_e^T and
+    g_e^T, kind TILES): x (M, K), g (M, N) rows sorted by expert, offs (E,) ends -> (E, K, N) fp32.
+
+    Each expert's token axis is zero-padded to a multiple of 128 first: tiles never straddle two experts, a
+    partial last tile keeps the scale of its real values (zeros change no amax and no sum), and the shapes
+    fit the blockwise kernel (DeepGEMM pads each expert to 128 rows for the same reason).
+    """
+    out = x.new_zeros(offs.shape[0], x.shape[1], g.shape[1], dtype=torch.float32)  # (E, K, N)
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):
+        if hi > lo:
+            xt = _pad_to(x[lo:hi].t(), -1)  # (K, M_e padded)
+            gt = _pad_to(g[lo:hi].t(), -1)  # (N, M_e padded)
+            out[e] = fp8_mm(*quantize_tiles(xt, pow2), *quantize_tiles(gt, pow2), TILES, native)
+        lo = hi
+    return out
+
+
 def blockwise_scaled_mm_ok(device: torch.device, kind: str = BLOCKS) -> bool:
     """Does torch._scaled_mm compute 1x128 x `kind` blockwise products on this device? One tiny real call,
     checked against the emulation with scales that differ per row and per 128-column tile (a scale layout
@@ -286,8 +307,8 @@ class FP8GroupedMM(torch.autograd.Function):
 
     apply(x, w (E, K, N) or None, wq, ws, offs, mm, recipe): like FP8Linear, wq/ws are quantized by the caller
     from the parameter w (re-quantized in backward), or are a frozen FP8 base's blocks (w None: no wgrad).
-    Forward and dgrad run `fp8_grouped_mm` (the dgrad with the same blocks, transposed); the wgrad is the
-    plain grouped GEMM's weight gradient on the dequantized fp8 x and g, in their 1x128 row tiles.
+    Forward and dgrad run `fp8_grouped_mm` (the dgrad with the same blocks, transposed); the wgrad runs
+    `fp8_grouped_wgrad` (x and g re-tiled along each expert's tokens, as FP8Linear's wgrad along all tokens).
     """
 
     @staticmethod
@@ -314,11 +335,9 @@ class FP8GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # (M, K)
             native = ctx.recipe.native(g.device, BLOCKS)
             dx = fp8_grouped_mm(gq, gs, wq.transpose(1, 2), ws.transpose(1, 2), offs, ctx.mm, native).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:  # (E, K, N): per expert x_e^T g_e, fp32, through the plain grouped GEMM
-            with torch.enable_grad(), torch.autocast(g.device.type, enabled=False):
-                wd = dequantize_blocks(wq, ws).requires_grad_()
-                y = ctx.mm(dequantize_tiles(xq, xs), wd, offs)
-                dw = torch.autograd.grad(y, wd, dequantize_tiles(gq, gs))[0].to(ctx.dtypes[1])
+        if ctx.needs_input_grad[1]:  # (E, K, N): per expert x_e^T g_e, both re-tiled along its tokens
+            native = ctx.recipe.native(g.device, TILES)
+            dw = fp8_grouped_wgrad(dequantize_tiles(xq, xs), g, offs, ctx.recipe.pow2, native).to(ctx.dtypes[1])
         return dx, dw, None, None, None, None, None
 
 

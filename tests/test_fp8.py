@@ -17,6 +17,7 @@ from nanoseek.fp8 import (
     dequantize_blocks,
     dequantize_tiles,
     fp8_grouped_mm,
+    fp8_grouped_wgrad,
     fp8_mm,
     quantize_blocks,
     quantize_tiles,
@@ -197,6 +198,20 @@ def test_frozen_grouped_weight_is_the_dequantized_grouped_gemm():
     xq, xs = quantize_tiles(x.detach())
     assert torch.equal(yq, fp8_grouped_mm(xq, xs, wq, ws, offs, grouped_mm, native=False))
     assert torch.autograd.grad(yq, x, g)[0].abs().sum() > 0
+
+
+def test_grouped_wgrad_retiles_each_expert_along_its_tokens():
+    torch.manual_seed(0)
+    offs = torch.tensor([10, 10, 150, 170], dtype=torch.int32)  # an empty expert; one with two token tiles
+    x, g = torch.randn(170, 96), torch.randn(170, 40)
+    dw = fp8_grouped_wgrad(x, g, offs, pow2=False, native=False)
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):
+        xt, gt = quantize_tiles(x[lo:hi].t()), quantize_tiles(g[lo:hi].t())  # no padding: tiles of this expert
+        want = dequantize_tiles(*xt) @ dequantize_tiles(*gt).t() if hi > lo else torch.zeros(96, 40)
+        torch.testing.assert_close(dw[e], want, rtol=1e-6, atol=1e-6)
+        lo = hi
+    assert dw[1].abs().max() == 0
 
 
 def test_precision_rejects_unknown_name():
