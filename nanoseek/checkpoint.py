@@ -159,7 +159,7 @@ def quantize_release(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, t in hf.items():
         if FP8_WEIGHT.search(key) and t.dim() == 2:
             q, s = quantize_blocks(t)
-            out[key], out[key + SCALE_INV] = q.contiguous(), s.contiguous()  # q is a view of the padded blocks
+            out[key], out[key + SCALE_INV] = q.contiguous(), s.contiguous()
         else:
             out[key] = t
     return out

@@ -81,8 +81,8 @@ def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
     xp = _pad_to(x.float(), -1)
     t = xp.view(*x.shape[:-1], -1, TILE)  # (..., K/128, 128)
     s = _scale(t.abs().amax(-1), pow2)  # (..., K/128)
-    q = (t / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(*x.shape[:-1], -1)[..., :K], s
+    q = (t / s[..., None]).clamp(-FP8_MAX, FP8_MAX).view(xp.shape)[..., :K].to(FP8)  # a new tensor, not a view
+    return q, s
 
 
 def dequantize_tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,8 @@ def quantize_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, 
     wp = _pad_to(_pad_to(w.float(), -1), -2)
     b = wp.view(*w.shape[:-2], wp.shape[-2] // TILE, TILE, wp.shape[-1] // TILE, TILE)  # (..., n, 128, k, 128)
     s = _scale(b.abs().amax(dim=(-3, -1)), pow2)  # (..., n, k)
-    q = (b / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(wp.shape)[..., :N, :K], s
+    q = (b / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(wp.shape)[..., :N, :K].to(FP8)
+    return q, s
 
 
 def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -379,8 +379,9 @@ class Precision:
     def recomputing(self) -> bool:
         """Whether an MLP's a = act(x W_gate^T) * (x W_up^T) runs under activation checkpointing: only x is kept
         (the MoE router keeps x anyway), the FP8 up-projection GEMMs and the SwiGLU are re-run in backward, by
-        the same deterministic ops, so values and gradients are those of the plain path bit for bit."""
-        return self.fp8 and self.recompute and torch.is_grad_enabled()
+        the same deterministic ops, so values and gradients are those of the plain path bit for bit. Not
+        under torch.compile (dynamo cannot trace checkpoint's adapter-replaying context_fn)."""
+        return self.fp8 and self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) W^T (+ b); b is added in high precision."""

@@ -214,6 +214,21 @@ def test_grouped_wgrad_retiles_each_expert_along_its_tokens():
     assert dw[1].abs().max() == 0
 
 
+@pytest.mark.slow
+def test_fp8_linear_compiles_and_matches_eager():
+    """torch.compile traces the FP8 autograd.Function (its saved fp8 activation is a new tensor, not a view)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 256, requires_grad=True)
+    w = (torch.randn(128, 256) * 0.05).requires_grad_()
+    r = Precision("fp8")
+    grads = []
+    for f in (r.linear, torch.compile(r.linear)):
+        y = f(x, w, None)
+        grads.append((y, *torch.autograd.grad(y.square().sum(), (x, w))))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_precision_rejects_unknown_name():
     with pytest.raises(ValueError, match="'fp4'"):
         Precision("fp4")
