@@ -45,7 +45,8 @@ def activation(name: str):
 
 
 class SwiGLU(nn.Module):
-    """DeepSeek dense MLP / shared expert: down(act(gate(x)) * up(x))."""
+    """DeepSeek dense MLP / shared expert: down(act(gate(x)) * up(x)); under "fp8" training the part before
+    down is recomputed in backward (`Precision.recomputing`), so only x is kept."""
 
     def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()

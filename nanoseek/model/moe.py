@@ -90,6 +90,7 @@ class Experts(nn.Module, ExpertAdapters):
     projection, applied on the sorted token copies with the same grouped GEMM. `precision` (fp8.py, set per model by
     `Model.set_precision`) runs the two base grouped GEMMs (FP8 or plain); the LoRA terms stay plain. After
     `precision.quantize_base` a stack is frozen float8_e4m3fn blocks with `<proj>_scale_inv` (E, n, k) scales.
+    Under "fp8" training `hidden` (gather, gate_up GEMM, SwiGLU) is recomputed in backward (`Precision.recomputing`).
     """
 
     precision: Precision = PLAIN
