@@ -193,19 +193,22 @@ def fp8_grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, pow2
 
 def blockwise_scaled_mm_ok(device: torch.device, kind: str = BLOCKS) -> bool:
     """Does torch._scaled_mm compute 1x128 x `kind` blockwise products on this device? One tiny real call,
-    checked against the emulation with scales that differ per row and per 128-column tile (a scale layout
-    read the wrong way round fails it)."""
+    checked against the emulation. Every row of a and of b, and every 128-wide K tile, has its own magnitude
+    (so its own scale), balanced so that each contributes alike to the normalized error: a scale layout read
+    the wrong way round fails it."""
     if device.type != "cuda":
         return False
     try:
         g = torch.Generator(device=device).manual_seed(0)
-        ramp = torch.logspace(-2, 2, 256, device=device)
-        a = torch.randn(32, 256, device=device, generator=g) * ramp[::8, None] * ramp[None, :]
-        b = torch.randn(256, 256, device=device, generator=g) * ramp.flip(0)[:, None] * ramp[None, :]
+        row_a, row_b = torch.logspace(-3, 3, 32, device=device), torch.logspace(3, -3, 256, device=device)
+        col = torch.logspace(-2, 2, 2, device=device).repeat_interleave(TILE)  # K = 256: two tiles, 1e-2 and 1e2
+        a = torch.randn(32, 256, device=device, generator=g) * row_a[:, None] * col
+        b = torch.randn(256, 256, device=device, generator=g) * row_b[:, None] / col
         aq, sa = quantize_tiles(a)
         bq, sb = quantize_blocks(b) if kind == BLOCKS else quantize_tiles(b)
-        got = _scaled_mm(aq, sa, bq, sb, kind)
-        want = _mm(dequantize_tiles(aq, sa), _dequantize(bq, sb, kind).t())
+        unit = row_a[:, None] * row_b[None, :]  # (32, 256) the magnitude of each output
+        got = _scaled_mm(aq, sa, bq, sb, kind) / unit
+        want = _mm(dequantize_tiles(aq, sa), _dequantize(bq, sb, kind).t()) / unit
         return bool((got - want).norm() <= 1e-2 * want.norm())
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return False
