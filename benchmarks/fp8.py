@@ -6,11 +6,14 @@ CPU (emulated FP8: quantize, dequantize, fp32 matmul; see nanoseek/fp8.py):
     FP8 run's loss against the fp32 run (last-50-step mean of the training loss, and the validation loss at the
     end), against the DeepSeek-V3 report's < 0.25 % (V3 section 3.3, measured there vs BF16 at 16B/230B scale).
   * memory: bytes the autograd graph saves for one forward (torch.autograd.graph.saved_tensors_hooks,
-    distinct storages), plain vs fp8; and the bytes of the projection weights (every linear but lm_head, and the
-    routed experts) held in bf16 vs as 128x128 FP8 blocks + fp32 scales (the frozen base of `--base-fp8`).
+    distinct storages), plain vs fp8, the latter with and without the MLP recomputation of
+    `Precision.recompute`; and the bytes of the projection weights (every linear but lm_head, and the routed
+    experts) held in bf16 vs what `precision.quantize_base` (the frozen base of `--base-fp8`) leaves in the
+    model: 128x128 FP8 blocks + fp32 scale buffers.
 GPU (only when CUDA is present; otherwise the section prints that it was skipped):
-  * GEMM TFLOP/s at M = N = K in 1024..8192: bf16 torch.mm vs blockwise FP8 (1x128 x 128x128 scales,
-    torch._scaled_mm when the probe accepts it, else the emulation, which is then what is timed), interleaved.
+  * GEMM TFLOP/s at M = N = K in 1024..8192: bf16 torch.mm vs blockwise FP8 through `fp8.fp8_mm`, the
+    forward/dgrad kind (1x128 x 128x128) and the wgrad kind (1x128 x 1x128), torch._scaled_mm when the probe
+    accepts that kind, else the emulation, which is then what is timed; interleaved.
   * one end-to-end training step of dsv3-tiny widened to hidden 2048: bf16 autocast vs fp8 recipe.
 
     python3 benchmarks/fp8.py                      # CPU: 300 steps at widths 128 and 256, 8 x 128 tokens
@@ -35,9 +38,10 @@ from side_by_side import train_step  # noqa: E402  (benchmarks/side_by_side.py)
 
 from nanoseek import Model, ModelConfig  # noqa: E402
 from nanoseek.data import PackedLoader, eval_batches, get_or_train_tokenizer, load_corpus, tokenize_corpus  # noqa: E402
-from nanoseek.fp8 import Precision, _tiles_x_blocks, quantize_blocks, quantize_tiles  # noqa: E402
+from nanoseek.fp8 import BLOCKS, TILES, Precision, fp8_mm, quantize_blocks, quantize_tiles  # noqa: E402
 from nanoseek.model.layers import Linear  # noqa: E402
 from nanoseek.model.moe import Experts  # noqa: E402
+from nanoseek.model.precision import quantize_base  # noqa: E402
 from nanoseek.train.optim import configure_optimizer, lr_at  # noqa: E402
 
 V3_BOUND = 0.0025  # DeepSeek-V3 report: FP8 loss relative error vs BF16 stays below 0.25 %
@@ -51,7 +55,7 @@ def data(seq_len: int, batch: int, seed: int):
     return PackedLoader(train, seq_len, batch, seed=seed), val
 
 
-ARMS = ("fp32", "fp8", "fp32-perturbed", "bf16")
+ARMS = ("fp32", "fp8", "fp32-perturbed", "bf16", "fp8-no-recompute")
 
 
 def pair(width: int, seed: int, device) -> tuple[Model, Model]:
@@ -71,6 +75,8 @@ def arm_models(width: int, seed: int, device, arms) -> dict[str, Model]:
         m = copy.deepcopy(ref)
         if arm == "fp8":
             m.set_precision("fp8")
+        elif arm == "fp8-no-recompute":  # the same training bit for bit, MLPs not recomputed (time, memory)
+            m.set_precision("fp8").recompute = False
         elif arm == "fp32-perturbed":
             with torch.no_grad():
                 for p in m.parameters():
@@ -127,18 +133,18 @@ def saved_bytes(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[int, in
     """Bytes of distinct storages the autograd graph holds after one training forward (parameters excluded),
     and the part of them that is fp8 (the projections' quantized inputs)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, tuple[int, bool]] = {}
+    seen: dict[int, tuple[torch.Tensor, int, bool]] = {}  # the tensor is held: no address reuse, no miscount
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in params:
-            seen[s.data_ptr()] = (s.nbytes(), t.dtype == torch.float8_e4m3fn)
+            seen[s.data_ptr()] = (t, s.nbytes(), t.dtype == torch.float8_e4m3fn)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(x, targets=y)
     del loss
-    return sum(n for n, _ in seen.values()), sum(n for n, fp8 in seen.values() if fp8)
+    return sum(n for _, n, _ in seen.values()), sum(n for _, n, fp8 in seen.values() if fp8)
 
 
 def projection_weights(model: Model) -> list[torch.Tensor]:
@@ -158,12 +164,16 @@ def memory(width: int, args, device) -> dict:
     x = torch.randint(0, plain.config.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
     act = {k: saved_bytes(m, x[:, :-1], x[:, 1:])[0] for k, m in (("fp32", plain), ("fp8", fp8))}
     fp8_inputs = saved_bytes(fp8, x[:, :-1], x[:, 1:])[1]  # the projections' inputs, 1 byte per element
-    ws = projection_weights(plain)
-    bf16 = sum(w.numel() * 2 for w in ws)
-    blocks = [quantize_blocks(w.detach()) for w in ws]
-    fp8_bytes = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in blocks)
+    fp8.set_precision("fp8").recompute = False  # MLP up-projections and SwiGLU not recomputed: all kept
+    act["fp8_no_recompute"] = saved_bytes(fp8, x[:, :-1], x[:, 1:])[0]
+    bf16 = sum(w.numel() * 2 for w in projection_weights(plain))
+    quantize_base(plain)  # what `finetune --base-fp8` holds: blocks in place of the weights, + the scale buffers
+    fp8_bytes = sum(w.numel() * w.element_size() for w in projection_weights(plain)) + \
+        sum(b.numel() * b.element_size() for n, b in plain.named_buffers() if n.endswith("_scale_inv"))
     return {"width": width, "saved_act_bytes_fp32": act["fp32"], "saved_act_bytes_fp8": act["fp8"],
             "saved_act_ratio": act["fp8"] / act["fp32"], "saved_fp8_input_bytes": fp8_inputs,
+            "saved_act_bytes_fp8_no_recompute": act["fp8_no_recompute"],
+            "saved_act_ratio_no_recompute": act["fp8_no_recompute"] / act["fp32"],
             "base_bytes_bf16": bf16, "base_bytes_fp8": fp8_bytes,
             "base_ratio": fp8_bytes / bf16}
 
@@ -175,16 +185,19 @@ def gpu_section(args) -> dict:
         return {"skipped": "no CUDA device"}
     dev = torch.device("cuda")
     recipe = Precision("fp8")
-    native = recipe.native(dev)
+    native = {k: recipe.native(dev, k) for k in (BLOCKS, TILES)}
     rows = []
-    print(f"\nGEMM TFLOP/s, M = N = K (blockwise FP8 via {'torch._scaled_mm' if native else 'EMULATION'})")
+    print("\nGEMM TFLOP/s, M = N = K (blockwise FP8: "
+          + ", ".join(f"1x128 x {k} via {'torch._scaled_mm' if v else 'EMULATION'}" for k, v in native.items()) + ")")
     for n in (1024, 2048, 4096, 8192):
         a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
         b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
         aq, as_ = quantize_tiles(a)
         bq, bs = quantize_blocks(b)
+        tq, ts = quantize_tiles(b)
         fns = {"bf16": lambda a=a, b=b: a @ b.t(),
-               "fp8": lambda aq=aq, as_=as_, bq=bq, bs=bs: _tiles_x_blocks(aq, as_, bq, bs, native)}
+               "fp8": lambda aq=aq, as_=as_, bq=bq, bs=bs: fp8_mm(aq, as_, bq, bs, BLOCKS, native[BLOCKS]),
+               "fp8_wgrad": lambda aq=aq, as_=as_, tq=tq, ts=ts: fp8_mm(aq, as_, tq, ts, TILES, native[TILES])}
         t = dict.fromkeys(fns, 0.0)
         for f in fns.values():
             f()
@@ -196,8 +209,10 @@ def gpu_section(args) -> dict:
                 torch.cuda.synchronize()
                 t[k] += time.perf_counter() - t0
         tf = {k: 2 * n**3 * args.gemm_reps / v / 1e12 for k, v in t.items()}
-        rows.append({"n": n, "tflops_bf16": tf["bf16"], "tflops_fp8": tf["fp8"], "speedup": tf["fp8"] / tf["bf16"]})
-        print(f"  {n:5d}  bf16 {tf['bf16']:8.1f}  fp8 {tf['fp8']:8.1f}  x{tf['fp8'] / tf['bf16']:.2f}")
+        rows.append({"n": n, "tflops_bf16": tf["bf16"], "tflops_fp8": tf["fp8"], "speedup": tf["fp8"] / tf["bf16"],
+                     "tflops_fp8_wgrad": tf["fp8_wgrad"]})
+        print(f"  {n:5d}  bf16 {tf['bf16']:8.1f}  fp8 {tf['fp8']:8.1f}  x{tf['fp8'] / tf['bf16']:.2f}  "
+              f"fp8 wgrad kind {tf['fp8_wgrad']:8.1f}")
     plain, fp8 = pair(2048, args.seed, dev)
     x = torch.randint(0, plain.config.vocab_size, (8, 1025), device=dev)
     opts = {k: configure_optimizer(m, 1e-4) for k, m in (("bf16", plain), ("fp8", fp8))}
@@ -233,7 +248,7 @@ def main(argv=None) -> int:
                    help="hidden sizes for the memory table (one forward each; default: --widths)")
     p.add_argument("--arms", default="fp32,fp8,fp32-perturbed,bf16",
                    help="comma-separated runs trained side by side; fp32 is the reference and always runs: "
-                        f"{', '.join(ARMS)} (default all)")
+                        f"{', '.join(ARMS)} (default fp32,fp8,fp32-perturbed,bf16)")
     p.add_argument("--gemm-reps", type=int, default=20, help="GPU: timed repetitions per GEMM size")
     p.add_argument("--gpu-steps", type=int, default=5, help="GPU: timed end-to-end steps")
     args = p.parse_args(argv)
@@ -269,11 +284,12 @@ def main(argv=None) -> int:
             print(f"|  | fp8 vs bf16 (V3's comparison, bound < {100 * V3_BOUND:.2f}%) | | | | "
                   f"{100 * r['val_rel_err_fp8_vs_bf16']:.2f}% | |")
     mem = [memory(w, args, cpu) for w in mem_widths]
-    print("\n| width | saved activations fp32 | fp8 | ratio | of which fp8 inputs (fp32 would be 4x) | "
-          "projection weights bf16 | FP8 blocks+scales | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| width | saved activations fp32 | fp8 without MLP recompute | ratio | fp8 | ratio | "
+          "of which fp8 inputs (fp32 would be 4x) | projection weights bf16 | FP8 blocks+scales | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in mem:
         print(f"| {r['width']} | {r['saved_act_bytes_fp32'] / 2**20:.2f} MiB | "
+              f"{r['saved_act_bytes_fp8_no_recompute'] / 2**20:.2f} MiB | {r['saved_act_ratio_no_recompute']:.3f} | "
               f"{r['saved_act_bytes_fp8'] / 2**20:.2f} MiB | {r['saved_act_ratio']:.3f} | "
               f"{r['saved_fp8_input_bytes'] / 2**20:.2f} MiB | "
               f"{r['base_bytes_bf16'] / 2**20:.3f} MiB | "

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fileio import atomic_directory
-from .fp8 import FP8, TILE, dequantize_blocks, quantize_blocks
+from .fp8 import FP8, SCALE_INV, TILE, dequantize_blocks, quantize_blocks
 from .model.transformer import CausalLM
 from .mup import output_multiplier, scale_queries
 
@@ -46,7 +46,6 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [TILE, TILE],
                            "activation_scheme": "dynamic"}
 FP8_WEIGHT = re.compile(r"_proj(_with_mqa)?\.weight$")  # projections and experts (router is mlp.gate.weight)
-SCALE_INV = "_scale_inv"
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -61,11 +60,14 @@ def to_hf_state_dict(model, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     """The on-disk (HF) state dict of a nanoseek Model: contiguous tensors sharing no storage.
 
     `sd`: the in-memory state dict to write instead of `model.state_dict()` (e.g. gathered from FSDP shards).
+    Frozen FP8 weights (`finetune --base-fp8`) are written dequantized, in the dtype of the other weights.
     """
     cfg: ModelConfig = model.config
     L = cfg.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     sd = dict(model.state_dict() if sd is None else sd)
+    if any(t.dtype == FP8 for t in sd.values()):  # a frozen FP8 base (precision.quantize_base): ordinary weights
+        sd = dequantize_release(sd)
     embed_key, *_ = input_embedding_keys(cfg)
     if cfg.tie_word_embeddings:  # a gathered state dict may hold a tied weight under one of its names only
         sd.setdefault(embed_key, sd.get("lm_head.weight"))
@@ -157,7 +159,7 @@ def quantize_release(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, t in hf.items():
         if FP8_WEIGHT.search(key) and t.dim() == 2:
             q, s = quantize_blocks(t)
-            out[key], out[key + SCALE_INV] = q.contiguous(), s.contiguous()  # q is a view of the padded blocks
+            out[key], out[key + SCALE_INV] = q.contiguous(), s.contiguous()
         else:
             out[key] = t
     return out

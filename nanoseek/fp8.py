@@ -11,15 +11,31 @@ scale is exact). `dequantize_*` multiply back. `FP8Linear` is the linear `y = x 
     wgrad    dW = (g re-tiled 128x1, i.e. along tokens)^T (x re-tiled along tokens)
 
 The saved activation is the fp8 tensor + its scales (1 byte + 4/128 bytes per element, not 4). `FP8GroupedMM`
-does the same for the routed experts' grouped GEMM (blocks per expert); its wgrad uses the 1x128 row tiles
-of x and g, because 128-token tiles would straddle expert boundaries (DeepGEMM pads each expert to 128
-instead). `Precision` is the recipe object a model's linears and experts consult ("plain" or "fp8").
+does the same for the routed experts' grouped GEMM (blocks per expert); its wgrad re-tiles x and g along
+each expert's tokens, zero-padded per expert to a multiple of 128 so that no tile straddles two experts (as
+DeepGEMM pads each expert to 128 rows). `Precision` is the recipe object a model's linears and experts
+consult ("plain" or "fp8").
 
-Matmuls. CPU (and CUDA without blockwise `torch._scaled_mm`): exact emulation, dequantize to fp32 and matmul
-in fp32, so every numerical claim is testable without a GPU; on CUDA that fallback warns once. CUDA with
-blockwise scaled_mm (SM90, probed once per device and cached on the recipe): the forward GEMM runs
-`torch._scaled_mm` with (M, K/128) and (K/128, N/128) outer-dim-major scales (untested here: no GPU was lent);
-dgrad, wgrad and the experts' grouped GEMM are still emulated (`torch._scaled_grouped_mm` is not wired yet).
+Matmuls. Every FP8 GEMM goes through `fp8_mm(a, sa, b, sb, kind, native)` = deq(a) deq(b)^T, both operands
+tiled along the reduction axis: forward (x tiles, W blocks), dgrad (g tiles along N, W^T blocks), wgrad (g^T
+and x^T tiles along tokens: kind TILES). CPU, and CUDA where the probe fails: the exact emulation (dequantize,
+one fp32 matmul), so every numerical claim is testable without a GPU; on CUDA that warns once per kind. CUDA
+where `blockwise_scaled_mm_ok(device, kind)` passes (one tiny real call per kind compared with the emulation,
+cached per device on the recipe): `torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=bf16)`. The layouts
+its blockwise kernels accept (PyTorch's ScaledBlas.cpp, `is_blockwise_1x128_scaling` / `..._128x128_...`, and
+the shape checks of torch/_meta_registrations.py; cuBLASLt >= 12.9, SM90): a row-major, b.t() column-major;
+scale_a (M, ceil(K/128)) fp32 outer-dim-major (strides (1, M)); scale_b for 128x128 is (ceil(K/128),
+ceil(N/128)) whose transpose is row-major, i.e. `ws.t()` of the (N/128, K/128) block scales; for 1x128 it is
+(ceil(K/128), N) row-major (its transpose (N, K/128) outer-dim-major). Pairs accepted: 1x128 x 128x128,
+128x128 x 1x128, 1x128 x 1x128. Used only where K % 128 == 0, M % 16 == 0 and N % 128 (blocks) / 16 (tiles)
+== 0; other shapes are emulated. The grouped expert GEMM (`fp8_grouped_mm`): `torch._scaled_grouped_mm` in
+the installed torch (2.13) takes only rowwise fp32 scales (one per row of A and per column of each expert's
+B) or MXFP8 e8m0 1x32 scales (SM100), not 1x128 / 128x128 (its meta checks, GroupedBlas.cpp's dispatch table);
+PyTorch main adds 1x128 / 128x128 recipes to `_scaled_grouped_mm_v2` through cuBLASLt's grouped GEMM (CUDA
+>= 13.4, SM90) with cuBLASLt's own blocked scale storage, not wired here (unverifiable without a GPU). So on
+CUDA the forward and dgrad run one blockwise fp8_mm per expert (a host sync for the group offsets), else the
+plain grouped GEMM on the dequantized operands; the wgrad is one fp8_mm (1x128 x 1x128) per expert always.
+Not yet run on a GPU (none was lent): the `gpu` tests check it.
 The backward re-quantizes W from the parameter (bit-identical blocks) instead of saving an fp8 copy of it:
 a training step then holds no per-layer weight copy (a frozen FP8 base saves its blocks, which are the weight).
 
@@ -42,6 +58,7 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 TILE = 128
+SCALE_INV = "_scale_inv"  # <weight name> + SCALE_INV: its 128x128 block scales (DeepSeek's release naming)
 
 
 def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -64,8 +81,8 @@ def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
     xp = _pad_to(x.float(), -1)
     t = xp.view(*x.shape[:-1], -1, TILE)  # (..., K/128, 128)
     s = _scale(t.abs().amax(-1), pow2)  # (..., K/128)
-    q = (t / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(*x.shape[:-1], -1)[..., :K], s
+    q = (t / s[..., None]).clamp(-FP8_MAX, FP8_MAX).view(xp.shape)[..., :K].to(FP8)  # a new tensor, not a view
+    return q, s
 
 
 def dequantize_tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -81,8 +98,8 @@ def quantize_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, 
     wp = _pad_to(_pad_to(w.float(), -1), -2)
     b = wp.view(*w.shape[:-2], wp.shape[-2] // TILE, TILE, wp.shape[-1] // TILE, TILE)  # (..., n, 128, k, 128)
     s = _scale(b.abs().amax(dim=(-3, -1)), pow2)  # (..., n, k)
-    q = (b / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(wp.shape)[..., :N, :K], s
+    q = (b / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(wp.shape)[..., :N, :K].to(FP8)
+    return q, s
 
 
 def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -94,19 +111,11 @@ def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- matmuls
-def blockwise_scaled_mm_ok(device: torch.device) -> bool:
-    """Does `torch._scaled_mm` take 1x128 x 128x128 blockwise scales on this device? (A real tiny call.)"""
-    if device.type != "cuda":
-        return False
-    try:
-        a = torch.zeros(TILE, TILE, device=device, dtype=FP8)
-        b = torch.zeros(TILE, TILE, device=device, dtype=FP8)
-        sa = torch.ones(1, TILE, device=device).t()  # (M, K/128) outer-dim-major
-        sb = torch.ones(1, 1, device=device).t()  # (K/128, N/128)
-        torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+BLOCKS, TILES = "128x128", "1x128"  # how fp8_mm's second operand is scaled (its first is always 1x128 tiles)
+
+
+def _dequantize(q: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    return dequantize_blocks(q, s) if kind == BLOCKS else dequantize_tiles(q, s)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,12 +125,93 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.to(dtype) @ b.to(dtype)
 
 
-def _tiles_x_blocks(xq, xs, wq, ws, native: bool) -> torch.Tensor:
-    """(x fp8 (M, K) in 1x128 tiles) @ (w fp8 (N, K) in 128x128 blocks)^T -> fp32 (M, N)."""
-    if native and xq.shape[-1] % TILE == 0 and wq.shape[0] % TILE == 0 and xq.shape[0] % 16 == 0:
-        sa = xs.t().contiguous().t()  # (M, K/128) outer-dim-major; ws.t() is (K/128, N/128) likewise
-        return torch._scaled_mm(xq, wq.t(), sa, ws.t(), out_dtype=torch.bfloat16).float()
-    return _mm(dequantize_tiles(xq, xs), dequantize_blocks(wq, ws).t())
+def _native_fits(a: torch.Tensor, b: torch.Tensor, kind: str) -> bool:
+    """Shapes the blockwise kernel takes: K whole tiles, M a multiple of 16, N of 128 (blocks) or 16 (tiles)."""
+    return a.shape[1] % TILE == 0 and a.shape[0] % 16 == 0 and b.shape[0] % (TILE if kind == BLOCKS else 16) == 0
+
+
+def _scaled_mm(a, sa, b, sb, kind: str) -> torch.Tensor:
+    """torch._scaled_mm(a, b^T) with the scale layouts its blockwise kernels check (ScaledBlas.cpp):
+    a's 1x128 scales (M, K/128) outer-dim-major (strides (1, M)); b^T = (K, N) column-major, and b's scales
+    given so that their transpose is (N/128, K/128) row-major (128x128) or (N, K/128) outer-dim-major (1x128)."""
+    sa = sa.t().contiguous().t()  # (M, K/128), strides (1, M)
+    sb = sb.contiguous().t() if kind == BLOCKS else sb.t().contiguous()  # (K/128, N/128) | (K/128, N)
+    return torch._scaled_mm(a.contiguous(), b.contiguous().t(), sa, sb, out_dtype=torch.bfloat16).float()
+
+
+def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, kind: str,
+           native: bool) -> torch.Tensor:
+    """The one FP8 GEMM: a deq(b)^T in fp32, both operands tiled along the reduction axis K.
+
+    a (M, K) fp8 in 1x128 tiles, sa (M, ceil(K/128)); b (N, K) fp8 in 128x128 blocks (kind BLOCKS, sb
+    (ceil(N/128), ceil(K/128))) or in 1x128 tiles (kind TILES, sb (N, ceil(K/128))). Returns (M, N) fp32.
+    The forward is (x, W), the dgrad (g, W^T) and the wgrad (g^T, x^T) re-tiled along tokens (TILES).
+    `native` (Precision.native: a probe passed for this kind on this device) runs torch._scaled_mm where the
+    shapes fit it (bf16 output); otherwise the exact emulation: dequantize both, one fp32 matmul.
+    """
+    if native and _native_fits(a, b, kind):
+        return _scaled_mm(a, sa, b, sb, kind)
+    return _mm(dequantize_tiles(a, sa), _dequantize(b, sb, kind).t())
+
+
+def fp8_grouped_mm(a, sa, wq, ws, offs, mm, native: bool) -> torch.Tensor:
+    """Rows of a (M, K) sorted by expert, 1x128 tiles, times each expert's w (E, K, N) in 128x128 blocks
+    (ws (E, ceil(K/128), ceil(N/128))); offs (E,) cumulative group ends. Returns (M, N) fp32.
+
+    Emulated: the plain grouped GEMM `mm` on the dequantized operands. Native: one fp8_mm per expert
+    (torch._scaled_grouped_mm takes no 1x128 / 128x128 scales; see the module docstring).
+    """
+    if not native:
+        with torch.autocast(a.device.type, enabled=False):
+            return mm(dequantize_tiles(a, sa), dequantize_blocks(wq, ws), offs)
+    out = a.new_empty(a.shape[0], wq.shape[-1], dtype=torch.float32)  # (M, N)
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):  # one host sync per GEMM
+        out[lo:hi] = fp8_mm(a[lo:hi], sa[lo:hi], wq[e].t(), ws[e].t(), BLOCKS, True)
+        lo = hi
+    return out
+
+
+def fp8_grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, pow2: bool, native: bool) -> torch.Tensor:
+    """Per expert dW_e = x_e^T g_e with x_e, g_e re-tiled along that expert's tokens (1x128 tiles of x_e^T and
+    g_e^T, kind TILES): x (M, K), g (M, N) rows sorted by expert, offs (E,) ends -> (E, K, N) fp32.
+
+    Each expert's token axis is zero-padded to a multiple of 128 first: tiles never straddle two experts, a
+    partial last tile keeps the scale of its real values (zeros change no amax and no sum), and the shapes
+    fit the blockwise kernel (DeepGEMM pads each expert to 128 rows for the same reason).
+    """
+    out = x.new_zeros(offs.shape[0], x.shape[1], g.shape[1], dtype=torch.float32)  # (E, K, N)
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):
+        if hi > lo:
+            xt = _pad_to(x[lo:hi].t(), -1)  # (K, M_e padded)
+            gt = _pad_to(g[lo:hi].t(), -1)  # (N, M_e padded)
+            out[e] = fp8_mm(*quantize_tiles(xt, pow2), *quantize_tiles(gt, pow2), TILES, native)
+        lo = hi
+    return out
+
+
+def blockwise_scaled_mm_ok(device: torch.device, kind: str = BLOCKS) -> bool:
+    """Does torch._scaled_mm compute 1x128 x `kind` blockwise products on this device? One tiny real call,
+    checked against the emulation. Every row of a and of b, and every 128-wide K tile, has its own magnitude
+    (so its own scale), balanced so that each contributes alike to the normalized error: a scale layout read
+    the wrong way round fails it."""
+    if device.type != "cuda":
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        row_a, row_b = torch.logspace(-3, 3, 32, device=device), torch.logspace(3, -3, 256, device=device)
+        col = torch.logspace(-2, 2, 2, device=device).repeat_interleave(TILE)  # K = 256: two tiles, 1e-2 and 1e2
+        a = torch.randn(32, 256, device=device, generator=g) * row_a[:, None] * col
+        b = torch.randn(256, 256, device=device, generator=g) * row_b[:, None] / col
+        aq, sa = quantize_tiles(a)
+        bq, sb = quantize_blocks(b) if kind == BLOCKS else quantize_tiles(b)
+        unit = row_a[:, None] * row_b[None, :]  # (32, 256) the magnitude of each output
+        got = _scaled_mm(aq, sa, bq, sb, kind) / unit
+        want = _mm(dequantize_tiles(aq, sa), _dequantize(bq, sb, kind).t()) / unit
+        return bool((got - want).norm() <= 1e-2 * want.norm())
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
 
 
 class FP8Linear(torch.autograd.Function):
@@ -138,7 +228,7 @@ class FP8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])  # (M, K)
         if recipe.quantize:
             xq, xs = quantize_tiles(x2, recipe.pow2)
-            y = _tiles_x_blocks(xq, xs, wq, ws, recipe.native(x.device))
+            y = fp8_mm(xq, xs, wq, ws, BLOCKS, recipe.native(x.device, BLOCKS))  # (M, N)
         else:
             xq, xs = x2, None
             y = _mm(x2, wq.t())
@@ -162,13 +252,13 @@ class FP8Linear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # (M, N)
         dx = dw = None
         if r.quantize:
-            if ctx.needs_input_grad[0]:  # dgrad: g in 1x128 tiles along N, times the same W blocks
+            if ctx.needs_input_grad[0]:  # dgrad: g in 1x128 tiles along N, times the same W blocks (as W^T)
                 gq, gs = quantize_tiles(g2, r.pow2)
-                dx = _mm(dequantize_tiles(gq, gs), dequantize_blocks(wq, ws))  # (M, K) fp32 accumulate
+                dx = fp8_mm(gq, gs, wq.t(), ws.t(), BLOCKS, r.native(g.device, BLOCKS))  # (M, K)
             if ctx.needs_input_grad[1]:  # wgrad: g and x re-tiled along the token axis (128x1 tiles)
                 gtq, gts = quantize_tiles(g2.t(), r.pow2)  # (N, M)
                 xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t(), r.pow2)  # (K, M)
-                dw = _mm(dequantize_tiles(gtq, gts), dequantize_tiles(xtq, xts).t())  # (N, K)
+                dw = fp8_mm(gtq, gts, xtq, xts, TILES, r.native(g.device, TILES))  # (N, K)
         else:
             dx = _mm(g2, wq) if ctx.needs_input_grad[0] else None
             dw = _mm(g2.t(), xq) if ctx.needs_input_grad[1] else None
@@ -195,36 +285,63 @@ class FrozenFP8Weight(torch.autograd.Function):
         return _mm(g, dequantize_blocks(wq, ws)).to(ctx.dtype), None, None
 
 
-class FP8GroupedMM(torch.autograd.Function):
-    """Rows of x sorted by expert times each expert's FP8 matrix: x (M, K) tiles, w (E, K, N) blocks, offs (E,).
+class FrozenFP8GroupedWeight(torch.autograd.Function):
+    """The routed experts' grouped GEMM over a frozen FP8 base, weight-only: mm(x, deq(W), offs).
 
-    `mm(x, w, offs)` is the plain grouped GEMM (moe.grouped_mm), run on the dequantized operands (emulation;
-    fp32 accumulation). Backward: dx and dW from the dequantized fp8 x, W and 1x128-tiled g.
+    apply(x (M, K), wq (E, K, N), ws (E, ceil(K/128), ceil(N/128)), offs, mm). The whole stack is dequantized
+    per forward (and again for the dgrad) in x's dtype and dropped: only the fp8 blocks stay. No wgrad.
     """
 
     @staticmethod
-    def forward(ctx, x, w, offs, mm, recipe):
-        xq, xs = quantize_tiles(x, recipe.pow2)
-        wq, ws = quantize_blocks(w, recipe.pow2)  # blocks of (K, N) = the transposes of (N, K)'s blocks
-        ctx.mm, ctx.recipe, ctx.dtypes = mm, recipe, (x.dtype, w.dtype)
-        ctx.save_for_backward(xq, xs, w, offs)  # w: a view of the parameter (no copy), re-quantized in backward
-        with torch.autocast(x.device.type, enabled=False):
-            return mm(dequantize_tiles(xq, xs), dequantize_blocks(wq, ws), offs).to(x.dtype)
+    def forward(ctx, x, wq, ws, offs, mm):
+        ctx.save_for_backward(wq, ws, offs)
+        ctx.mm = mm
+        return mm(x, dequantize_blocks(wq, ws).to(x.dtype), offs)  # (M, N)
 
     @staticmethod
     def backward(ctx, g):
-        xq, xs, w, offs = ctx.saved_tensors
-        wq, ws = quantize_blocks(w.detach(), ctx.recipe.pow2)
+        wq, ws, offs = ctx.saved_tensors
+        dx = ctx.mm(g, dequantize_blocks(wq, ws).to(g.dtype).transpose(1, 2), offs)  # (M, K)
+        return dx, None, None, None, None
+
+
+class FP8GroupedMM(torch.autograd.Function):
+    """Rows of x sorted by expert times each expert's FP8 matrix: x (M, K) tiles, W (E, K, N) blocks, offs (E,).
+
+    apply(x, w (E, K, N) or None, wq, ws, offs, mm, recipe): like FP8Linear, wq/ws are quantized by the caller
+    from the parameter w (re-quantized in backward), or are a frozen FP8 base's blocks (w None: no wgrad).
+    Forward and dgrad run `fp8_grouped_mm` (the dgrad with the same blocks, transposed); the wgrad runs
+    `fp8_grouped_wgrad` (x and g re-tiled along each expert's tokens, as FP8Linear's wgrad along all tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, wq, ws, offs, mm, recipe):
+        xq, xs = quantize_tiles(x, recipe.pow2)
+        y = fp8_grouped_mm(xq, xs, wq, ws, offs, mm, recipe.native(x.device, BLOCKS))
+        ctx.mm, ctx.recipe, ctx.dtypes = mm, recipe, (x.dtype, None if w is None else w.dtype)
+        ctx.requantize = w is not None
+        if ctx.requantize:  # w: a view of the parameter (no copy), re-quantized in backward
+            ctx.save_for_backward(xq, xs, w, offs)
+        else:  # a frozen FP8 base: its blocks are the weight
+            ctx.save_for_backward(xq, xs, wq, ws, offs)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.requantize:
+            xq, xs, w, offs = ctx.saved_tensors
+            wq, ws = quantize_blocks(w.detach(), ctx.recipe.pow2)
+        else:
+            xq, xs, wq, ws, offs = ctx.saved_tensors
         gq, gs = quantize_tiles(g, ctx.recipe.pow2)
-        with torch.enable_grad(), torch.autocast(g.device.type, enabled=False):
-            xd = dequantize_tiles(xq, xs).requires_grad_(ctx.needs_input_grad[0])
-            wd = dequantize_blocks(wq, ws).requires_grad_(ctx.needs_input_grad[1])
-            y = ctx.mm(xd, wd, offs)
-            want = [t for t in (xd, wd) if t.requires_grad]
-            got = iter(torch.autograd.grad(y, want, dequantize_tiles(gq, gs)))
-        dx = next(got).to(ctx.dtypes[0]) if xd.requires_grad else None
-        dw = next(got).to(ctx.dtypes[1]) if wd.requires_grad else None
-        return dx, dw, None, None, None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # (M, K)
+            native = ctx.recipe.native(g.device, BLOCKS)
+            dx = fp8_grouped_mm(gq, gs, wq.transpose(1, 2), ws.transpose(1, 2), offs, ctx.mm, native).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:  # (E, K, N): per expert x_e^T g_e, both re-tiled along its tokens
+            native = ctx.recipe.native(g.device, TILES)
+            dw = fp8_grouped_wgrad(dequantize_tiles(xq, xs), g, offs, ctx.recipe.pow2, native).to(ctx.dtypes[1])
+        return dx, dw, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -234,12 +351,15 @@ class Precision:
 
     One object per model (set by `Model.set_precision`), consulted by every `linear.Linear.base_forward` and by
     the experts' grouped GEMMs. `quantize=False` keeps the FP8 code path with identity quantizers (gradcheck).
+    `recompute` (fp8 only): the MLPs and experts recompute their up-projections and SwiGLU in backward
+    (`recomputing`).
     """
 
     name: str = "plain"
     quantize: bool = True
     pow2: bool = False
-    _native: dict = field(default_factory=dict, repr=False)  # device -> blockwise scaled_mm works (probed once)
+    recompute: bool = True
+    _native: dict = field(default_factory=dict, repr=False)  # (device, kind) -> blockwise scaled_mm works (probed)
 
     def __post_init__(self):
         if self.name not in ("plain", "fp8"):
@@ -249,13 +369,22 @@ class Precision:
     def fp8(self) -> bool:
         return self.name == "fp8"
 
-    def native(self, device: torch.device) -> bool:
-        if device not in self._native:
-            self._native[device] = blockwise_scaled_mm_ok(device)
-            if device.type == "cuda" and not self._native[device]:
-                warnings.warn(f"blockwise FP8 torch._scaled_mm is not available on {device}: FP8 runs emulated "
-                              "(dequantize + fp32 matmul), slower than bf16", stacklevel=3)
-        return self._native[device]
+    def native(self, device: torch.device, kind: str = BLOCKS) -> bool:
+        """Whether fp8_mm may run torch._scaled_mm for 1x128 x `kind` scales on `device` (probed once, cached)."""
+        key = (device, kind)
+        if key not in self._native:
+            self._native[key] = blockwise_scaled_mm_ok(device, kind)
+            if device.type == "cuda" and not self._native[key]:
+                warnings.warn(f"blockwise FP8 torch._scaled_mm (1x128 x {kind} scales) is not available on {device}: "
+                              "those GEMMs run emulated (dequantize + fp32 matmul), slower than bf16", stacklevel=3)
+        return self._native[key]
+
+    def recomputing(self) -> bool:
+        """Whether an MLP's a = act(x W_gate^T) * (x W_up^T) runs under activation checkpointing: only x is kept
+        (the MoE router keeps x anyway), the FP8 up-projection GEMMs and the SwiGLU are re-run in backward, by
+        the same deterministic ops, so values and gradients are those of the plain path bit for bit. Not
+        under torch.compile (dynamo cannot trace checkpoint's adapter-replaying context_fn)."""
+        return self.fp8 and self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) W^T (+ b); b is added in high precision."""
@@ -280,8 +409,20 @@ class Precision:
         return y if bias is None else y + bias
 
     def grouped(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, mm) -> torch.Tensor:
-        """The experts' grouped GEMM `mm(x, w, offs)` under this recipe."""
-        return FP8GroupedMM.apply(x, w, offs, mm, self) if self.fp8 and self.quantize else mm(x, w, offs)
+        """The experts' grouped GEMM `mm(x, w, offs)` under this recipe: x (M, K), w (E, K, N)."""
+        if not (self.fp8 and self.quantize):
+            return mm(x, w, offs)
+        with torch.no_grad():
+            wq, ws = quantize_blocks(w, self.pow2)  # blocks of (K, N) = the transposes of (N, K)'s blocks
+        return FP8GroupedMM.apply(x, w, wq, ws, offs, mm, self)
+
+    def frozen_grouped(self, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, offs: torch.Tensor,
+                       mm) -> torch.Tensor:
+        """The grouped GEMM over a frozen FP8 base held as blocks wq (E, K, N) + scales ws: under "fp8" the
+        activations are tiled too (FP8GroupedMM, no wgrad); under "plain" only the weight is FP8."""
+        if self.fp8 and self.quantize:
+            return FP8GroupedMM.apply(x, None, wq, ws, offs, mm, self)
+        return FrozenFP8GroupedWeight.apply(x, wq, ws, offs, mm)
 
 
 PLAIN = Precision("plain")

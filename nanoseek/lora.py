@@ -47,6 +47,7 @@ import re
 import torch
 from torch import nn
 
+from .fp8 import FP8
 from .lora_config import LoraConfig, VeraConfig
 from .lora_variants import dora_norm, vera_projections
 from .model.linear import (  # noqa: F401  (expert_delta, LoraContext: old import paths, kept)
@@ -166,8 +167,14 @@ def _base(module: nn.Module, proj: str | None) -> torch.Tensor:
     return module.weight if proj is None else getattr(module, proj)
 
 
+def _factor_dtype(w: torch.Tensor) -> torch.dtype:
+    """Adapter factors take the base weight's dtype; over a frozen FP8 base (quantize_base) they are fp32."""
+    return torch.float32 if w.dtype == FP8 else w.dtype
+
+
 def init_factors(module, proj, r: int, cfg: LoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """New A, B in the base weight's dtype/device, initialised as PEFT's reset_lora_parameters does."""
+    """New A, B in the base weight's dtype (fp32 over FP8) and device, initialised as PEFT's
+    reset_lora_parameters does."""
     w = _base(module, proj)
     sa, sb = target_shapes(module, proj, r)
     A = torch.empty(sa, dtype=torch.float32, device=w.device)
@@ -180,7 +187,7 @@ def init_factors(module, proj, r: int, cfg: LoraConfig) -> tuple[torch.Tensor, t
     if cfg.init_lora_weights is False:  # tests: a non-trivial adapter from the start
         for b in B.view(-1, *sb[-2:]):
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-    return A.to(w.dtype), B.to(w.dtype)
+    return A.to(_factor_dtype(w)), B.to(_factor_dtype(w))
 
 
 def vera_dims(model, paths: list[str]) -> tuple[int, int]:
@@ -235,9 +242,9 @@ def attach(model, name: str, cfg, factors: dict[str, dict[str, torch.Tensor]], s
     for path, f in factors.items():
         module, proj = cands[path]
         w = _base(module, proj)
-        t = {k: v.to(w.device, w.dtype) for k, v in f.items()}
+        t = {k: v.to(w.device, _factor_dtype(w)) for k, v in f.items()}
         if isinstance(cfg, VeraConfig):
-            va, vb = (s.to(w.device, w.dtype) for s in shared)
+            va, vb = (s.to(w.device, _factor_dtype(w)) for s in shared)
             module.add_vera(ctx, name, t["d"], t["b"], va, vb, float(cfg.vera_dropout))
             continue
         scale = cfg.scale_for(_disk_path(model, path), t["A"].shape[-2])  # patterns name on-disk paths, as PEFT
@@ -342,6 +349,11 @@ def merge_adapter(model, name: str, sign: float = 1.0) -> None:
     if model.config.tie_word_embeddings and "lm_head" in dict((p, m) for m, p in _owners(model, name)):
         raise ValueError(f"adapter {name!r} has an adapter on lm_head, whose weight is tied to the input embedding: "
                          "merging would change the embedding too; run it unmerged")
+    frozen = [p for m, p in _owners(model, name) if any(t.dtype == FP8 for t in m.parameters(recurse=False))]
+    if frozen:
+        raise ValueError(f"adapter {name!r}: the base weights of {frozen[0]} ({len(frozen)} modules in all) are frozen "
+                         "FP8 blocks (finetune --base-fp8, precision.quantize_base); merging needs ordinary weights: "
+                         "call precision.dequantize_base(model) first, or merge into the unquantized base")
     for module, _ in _owners(model, name):
         if isinstance(module, LinearAdapters):
             _merge_linear(module, name, sign)

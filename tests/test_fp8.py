@@ -6,14 +6,19 @@ import pytest
 import torch
 
 from nanoseek.fp8 import (
+    BLOCKS,
     FP8,
     FP8_MAX,
-    FP8GroupedMM,
+    TILES,
     FP8Linear,
+    FrozenFP8GroupedWeight,
     Precision,
     blockwise_scaled_mm_ok,
     dequantize_blocks,
     dequantize_tiles,
+    fp8_grouped_mm,
+    fp8_grouped_wgrad,
+    fp8_mm,
     quantize_blocks,
     quantize_tiles,
 )
@@ -133,7 +138,7 @@ def test_grouped_fp8_vs_fp32_and_bias_free_grads():
     offs = torch.tensor([10, 10, 37, 50], dtype=torch.int32)  # an empty group too
     x = torch.randn(50, K, requires_grad=True)
     w = (torch.randn(E, K, N) * 0.05).requires_grad_()
-    y = FP8GroupedMM.apply(x, w, offs, grouped_mm, Precision("fp8"))
+    y = Precision("fp8").grouped(x, w, offs, grouped_mm)
     y0 = grouped_mm(x, w, offs)
     g = torch.randn_like(y0)
     dx, dw = torch.autograd.grad(y, (x, w), g)
@@ -143,22 +148,132 @@ def test_grouped_fp8_vs_fp32_and_bias_free_grads():
     assert dw[1].abs().max() == 0  # the empty expert gets no gradient
 
 
+@pytest.mark.parametrize("M,K,N", [(64, 256, 384), (50, 200, 130)])
+def test_fp8_mm_emulation_is_dequantize_then_fp32_matmul(M, K, N):
+    torch.manual_seed(0)
+    aq, sa = quantize_tiles(torch.randn(M, K))
+    bq, sb = quantize_blocks(torch.randn(N, K))
+    want = dequantize_tiles(aq, sa) @ dequantize_blocks(bq, sb).t()
+    assert torch.equal(fp8_mm(aq, sa, bq, sb, BLOCKS, native=False), want)
+    tq, ts = quantize_tiles(torch.randn(N, K))
+    want = dequantize_tiles(aq, sa) @ dequantize_tiles(tq, ts).t()
+    assert torch.equal(fp8_mm(aq, sa, tq, ts, TILES, native=False), want)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 320, 200), (2, 128, 256, 384), (3, 7, 130, 5)])
+def test_fp8_linear_unchanged_bit_for_bit_on_cpu(shape):
+    """Forward, dgrad and wgrad through fp8_mm equal the formulas the FP8 linear had before it (emulation)."""
+    B, T, K, N = shape
+    torch.manual_seed(1)
+    x = torch.randn(B, T, K, requires_grad=True)
+    w = (torch.randn(N, K) * 0.05).requires_grad_()
+    y = Precision("fp8").linear(x, w, None)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    xq, xs = quantize_tiles(x.detach().reshape(-1, K))
+    wq, ws = quantize_blocks(w.detach())
+    y0 = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
+    gq, gs = quantize_tiles(g.reshape(-1, N))
+    dx0 = dequantize_tiles(gq, gs) @ dequantize_blocks(wq, ws)
+    gtq, gts = quantize_tiles(g.reshape(-1, N).t())
+    xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t())
+    dw0 = dequantize_tiles(gtq, gts) @ dequantize_tiles(xtq, xts).t()
+    assert torch.equal(y.reshape(-1, N), y0) and torch.equal(dx.reshape(-1, K), dx0) and torch.equal(dw, dw0)
+
+
+def test_frozen_grouped_weight_is_the_dequantized_grouped_gemm():
+    torch.manual_seed(0)
+    E, K, N = 4, 160, 96
+    offs = torch.tensor([10, 10, 37, 50], dtype=torch.int32)
+    x = torch.randn(50, K, requires_grad=True)
+    wq, ws = quantize_blocks(torch.randn(E, N, K) * 0.05)  # stored (E, N, K), used transposed as (E, K, N)
+    wq, ws = wq.transpose(1, 2), ws.transpose(1, 2)
+    y = FrozenFP8GroupedWeight.apply(x, wq, ws, offs, grouped_mm)
+    wd = dequantize_blocks(wq, ws).requires_grad_()
+    y0 = grouped_mm(x, wd, offs)
+    g = torch.randn_like(y0)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y0, x, g)[0], rtol=1e-6, atol=1e-6)
+    yq = Precision("fp8").frozen_grouped(x, wq, ws, offs, grouped_mm)  # activations tiled too
+    xq, xs = quantize_tiles(x.detach())
+    assert torch.equal(yq, fp8_grouped_mm(xq, xs, wq, ws, offs, grouped_mm, native=False))
+    assert torch.autograd.grad(yq, x, g)[0].abs().sum() > 0
+
+
+def test_grouped_wgrad_retiles_each_expert_along_its_tokens():
+    torch.manual_seed(0)
+    offs = torch.tensor([10, 10, 150, 170], dtype=torch.int32)  # an empty expert; one with two token tiles
+    x, g = torch.randn(170, 96), torch.randn(170, 40)
+    dw = fp8_grouped_wgrad(x, g, offs, pow2=False, native=False)
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):
+        xt, gt = quantize_tiles(x[lo:hi].t()), quantize_tiles(g[lo:hi].t())  # no padding: tiles of this expert
+        want = dequantize_tiles(*xt) @ dequantize_tiles(*gt).t() if hi > lo else torch.zeros(96, 40)
+        torch.testing.assert_close(dw[e], want, rtol=1e-6, atol=1e-6)
+        lo = hi
+    assert dw[1].abs().max() == 0
+
+
+@pytest.mark.slow
+def test_fp8_linear_compiles_and_matches_eager():
+    """torch.compile traces the FP8 autograd.Function (its saved fp8 activation is a new tensor, not a view)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 256, requires_grad=True)
+    w = (torch.randn(128, 256) * 0.05).requires_grad_()
+    r = Precision("fp8")
+    grads = []
+    for f in (r.linear, torch.compile(r.linear)):
+        y = f(x, w, None)
+        grads.append((y, *torch.autograd.grad(y.square().sum(), (x, w))))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_precision_rejects_unknown_name():
     with pytest.raises(ValueError, match="'fp4'"):
         Precision("fp4")
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_native_blockwise_matches_emulation():
+@pytest.mark.parametrize("kind", [BLOCKS, TILES])
+def test_native_fp8_mm_matches_emulation(kind):
     dev = torch.device("cuda")
-    if not blockwise_scaled_mm_ok(dev):
+    if not blockwise_scaled_mm_ok(dev, kind):
+        pytest.skip(f"no blockwise torch._scaled_mm for 1x128 x {kind} on this device")
+    aq, sa = quantize_tiles(torch.randn(256, 512, device=dev))
+    bq, sb = (quantize_blocks if kind == BLOCKS else quantize_tiles)(torch.randn(384, 512, device=dev) * 0.05)
+    assert _rel(fp8_mm(aq, sa, bq, sb, kind, native=True), fp8_mm(aq, sa, bq, sb, kind, native=False)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_native_linear_and_grouped_match_the_cpu_emulation():
+    """Forward, dgrad, wgrad of the FP8 linear and forward + dgrad of the grouped GEMM on CUDA (native where the
+    probe passes) against the same computation emulated on the CPU: bf16 output rounding only."""
+    dev = torch.device("cuda")
+    if not Precision("fp8").native(dev):
         pytest.skip("no blockwise torch._scaled_mm on this device")
-    x = torch.randn(256, 512, device=dev)
-    w = torch.randn(384, 512, device=dev) * 0.05
-    r = Precision("fp8")
-    y = r.linear(x, w, None)
-    xq, xs = quantize_tiles(x)
-    wq, ws = quantize_blocks(w)
-    ref = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding only
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 512), torch.randn(384, 512) * 0.05
+    g = torch.randn(256, 384)
+    out = {}
+    for d in ("cpu", "cuda"):
+        xd, wd = x.to(d).requires_grad_(), w.to(d).requires_grad_()
+        y = Precision("fp8").linear(xd, wd, None)
+        out[d] = (y, *torch.autograd.grad(y, (xd, wd), g.to(d)))
+    for a, b in zip(out["cuda"], out["cpu"], strict=True):
+        assert _rel(a.cpu(), b) < 1e-2
+    offs = torch.tensor([128, 128, 384, 512], dtype=torch.int32)  # an empty expert too
+    xe, we, ge = torch.randn(512, 256), torch.randn(4, 256, 384) * 0.05, torch.randn(512, 384)
+    res = {}
+    for d in ("cpu", "cuda"):
+        xd, wd = xe.to(d).requires_grad_(), we.to(d).requires_grad_()
+        y = Precision("fp8").grouped(xd, wd, offs.to(d), grouped_mm)
+        res[d] = (y, *torch.autograd.grad(y, (xd, wd), ge.to(d)))
+    for a, b in zip(res["cuda"], res["cpu"], strict=True):
+        assert _rel(a.cpu(), b) < 1e-2

@@ -49,9 +49,8 @@ import torch.distributed as tdist
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from .moe import Experts
-
-EXPERT_PROJS = ("gate_up_proj", "down_proj")
+from ..fp8 import SCALE_INV
+from .moe import EXPERT_PROJS, Experts
 
 
 @dataclass
@@ -197,6 +196,8 @@ def shard_experts(model: nn.Module, ep: ExpertGroup) -> None:
         for proj in EXPERT_PROJS:  # (E/N, ...) slices; frozen stays frozen (LoRA runs)
             full = getattr(m, proj)
             setattr(m, proj, torch.nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
+            if proj + SCALE_INV in m._buffers:  # a frozen FP8 base (precision.quantize_base): its block scales
+                m._buffers[proj + SCALE_INV] = m._buffers[proj + SCALE_INV][lo:hi].clone()
         for pd, proj in _factors(m):  # A (E/N, r, in), B (E/N, out, r)
             full = pd[proj]
             pd[proj] = ep.mark_sharded(nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import Linear, linear  # noqa: F401  (Linear: old import path, kept)
+from .linear import Linear, linear, recomputed  # noqa: F401  (Linear: old import path, kept)
 
 
 class RMSNorm(nn.Module):
@@ -45,7 +45,8 @@ def activation(name: str):
 
 
 class SwiGLU(nn.Module):
-    """DeepSeek dense MLP / shared expert: down(act(gate(x)) * up(x))."""
+    """DeepSeek dense MLP / shared expert: down(act(gate(x)) * up(x)); under "fp8" training the part before
+    down is recomputed in backward (`Precision.recomputing`), so only x is kept."""
 
     def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
@@ -55,7 +56,12 @@ class SwiGLU(nn.Module):
         self.act = activation(act)
 
     def forward(self, x):  # (..., H) -> (..., H)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.down_proj.precision.recomputing():  # fp8: keep x only, re-run the up-projections in backward
+            return self.down_proj(recomputed(self.hidden, self.gate_proj.lora_ctx, x))
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x):  # (..., H) -> (..., I)
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
 
 
 class GPT2MLP(nn.Module):

@@ -42,11 +42,12 @@ recipe: parameter names, checkpoints and LoRA stay the same); a Python loop over
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from ..fp8 import FP8, PLAIN, Precision
 from ..lora_config import LoraConfig, VeraConfig
@@ -94,6 +95,13 @@ def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
     return torch.bmm(buf, w)[group, slot]
 
 
+def recomputed(fn, lora_ctx, *args) -> torch.Tensor:
+    """fn(*args) under activation checkpointing (only the inputs are kept; fn re-runs in backward with the
+    forward's RNG state and adapter state: LoraContext.replay)."""
+    context_fn = noop_context_fn if lora_ctx is None else lora_ctx.replay
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+
+
 # ---------------------------------------------------------------------------------------------- context
 class LoraContext:
     """The adapters of one Model and which of them the current forward runs.
@@ -127,6 +135,21 @@ class LoraContext:
         self.adapter, self.names, self.rows = self._resolve(adapter, adapter_names, batch_size)
         keep = self.stack_cache is not None and self.names is not None
         self._stacks = self.stack_cache.setdefault(tuple(self.names), {}) if keep else {}
+        try:
+            yield
+        finally:
+            self.adapter, self.names, self.rows, self._stacks = saved
+
+    def replay(self):
+        """context_fn for activation checkpointing (`recomputed`): nothing around the forward; around the
+        recomputation in backward, which runs after Model.forward has left `use`, this forward's adapter state
+        again (with fresh per-forward stacks, as the forward built them)."""
+        return nullcontext(), self._entered((self.adapter, self.names, self.rows))
+
+    @contextmanager
+    def _entered(self, state):
+        saved = self.adapter, self.names, self.rows, self._stacks
+        (self.adapter, self.names, self.rows), self._stacks = state, {}
         try:
             yield
         finally:

@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..fp8 import PLAIN, Precision
+from ..fp8 import FP8, PLAIN, SCALE_INV, Precision
 from .layers import SwiGLU, activation
-from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm
+from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm, recomputed
+
+EXPERT_PROJS = ("gate_up_proj", "down_proj")  # the stacked expert weights
 
 
 def expert_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -95,7 +97,9 @@ class Experts(nn.Module, ExpertAdapters):
 
     LoRA (linear.ExpertAdapters): `lora_A[adapter][proj]` (E, r, in), `lora_B[adapter][proj]` (E, out, r) per
     projection, applied on the sorted token copies with the same grouped GEMM. `precision` (fp8.py, set per model by
-    `Model.set_precision`) runs the two base grouped GEMMs (FP8 or plain); the LoRA terms stay plain.
+    `Model.set_precision`) runs the two base grouped GEMMs (FP8 or plain); the LoRA terms stay plain. After
+    `precision.quantize_base` a stack is frozen float8_e4m3fn blocks with `<proj>_scale_inv` (E, n, k) scales.
+    Under "fp8" training `hidden` (gather, gate_up GEMM, SwiGLU) is recomputed in backward (`Precision.recomputing`).
     """
 
     precision: Precision = PLAIN
@@ -116,7 +120,7 @@ class Experts(nn.Module, ExpertAdapters):
             return self.ep.dispatch_combine(x, idx, weights, self.gate_up_proj.shape[0], self.grouped)
         N, K = idx.shape
         if torch.compiler.is_compiling() and N * K <= self.gate_up_proj.shape[0] and not self.lora_A \
-                and not self.precision.fp8:
+                and not self.precision.fp8 and self.gate_up_proj.dtype != FP8:
             return self.gathered(x, idx, weights)  # a compiled decode step: fixed shapes, no bincount
         flat = idx.flatten()  # (N*K,) expert of each token copy
         order = flat.argsort(stable=True)
@@ -137,15 +141,30 @@ class Experts(nn.Module, ExpertAdapters):
         """The held experts on token copies: x (N, H) rows, flat (C,) expert of each copy, order (C,) sorts them
         by expert, token (C,) row of each sorted copy, w (C,) weight of each copy -> (N, H) weighted sums."""
         offs = expert_counts(flat, self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
-        xs = x[token]  # (N*K, H) token copies sorted by expert
-        h = self.precision.grouped(xs, self.gate_up_proj.transpose(1, 2), offs, grouped_mm)  # (N*K, 2I)
-        h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
-        gate, up = h.chunk(2, dim=-1)
-        a = self.act(gate) * up
-        y = self.precision.grouped(a, self.down_proj.transpose(1, 2), offs, grouped_mm)  # (N*K, H)
+        if self.precision.recomputing():  # fp8: keep x only (the router keeps it too), re-run in backward
+            a = recomputed(self.hidden, self.lora_ctx, x, flat, order, token, offs, N)
+        else:
+            a = self.hidden(x, flat, order, token, offs, N)  # (N*K, I)
+        y = self._base(a, "down_proj", offs)  # (N*K, H)
         y = self._lora(y, "down_proj", a, flat, order, token, offs, N)
         y = y * w[order, None]
         return torch.zeros(N, x.shape[1], device=x.device, dtype=y.dtype).index_add_(0, token, y).to(x.dtype)
+
+    def hidden(self, x, flat, order, token, offs, N):
+        """act(gate) * up of every sorted token copy: x (N, H) rows -> (N*K, I)."""
+        xs = x[token]  # (N*K, H) token copies sorted by expert
+        h = self._base(xs, "gate_up_proj", offs)  # (N*K, 2I)
+        h = self._lora(h, "gate_up_proj", xs, flat, order, token, offs, N)
+        gate, up = h.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def _base(self, x: torch.Tensor, proj: str, offs: torch.Tensor) -> torch.Tensor:
+        """x (M, in) sorted copies times each expert's base matrix `proj` (E, out, in), under the recipe."""
+        w = getattr(self, proj).transpose(1, 2)  # (E, in, out)
+        if w.dtype == FP8:  # a frozen FP8 base (precision.quantize_base): blocks + their scales, transposed alike
+            s = getattr(self, proj + SCALE_INV).transpose(1, 2)
+            return self.precision.frozen_grouped(x, w, s, offs, grouped_mm)
+        return self.precision.grouped(x, w, offs, grouped_mm)
 
     def _lora(self, y, proj, xs, flat, order, token, offs, N):
         """y (N*K, out) + the active adapter's term for `proj` (y itself without one)."""

@@ -7,9 +7,13 @@ names, the state dict and checkpoints do not change, and "plain" restores the ex
 
 `quantize_base(model)` (finetune --base-fp8) replaces every such projection's weight, in place and under the
 same name, by its float8_e4m3fn 128x128 blocks (frozen) plus a `weight_scale_inv` buffer, and frees the
-full-precision copy: the QLoRA idea with FP8 blocks (1 + 4/128^2 bytes per weight instead of 2 or 4). LoRA
-A/B stay full precision and their adapter is an ordinary PEFT adapter of the unquantized base. Routed experts
-keep their full-precision base (not done yet).
+full-precision copy: the QLoRA idea with FP8 blocks (1 + 4/128^2 bytes per weight instead of 2 or 4). The
+routed experts' stacks `gate_up_proj` (E, 2I, H) / `down_proj` (E, H, I) become fp8 the same way, blocked per
+expert, with buffers `gate_up_proj_scale_inv` (E, ceil(2I/128), ceil(H/128)) / `down_proj_scale_inv`; their
+grouped GEMM then dequantizes the stack per forward (fp8.FrozenFP8GroupedWeight; under --fp8 the activations
+are tiled too). LoRA A/B stay full precision and their adapter is an ordinary PEFT adapter of the unquantized
+base. `dequantize_base(model)` turns the blocks back into ordinary weights (merging needs them); saving a model
+with an FP8 base writes ordinary weights (checkpoint.to_hf_state_dict dequantizes the `*_scale_inv` pairs).
 
 Rejected: a config.json field (precision is how a run computes, not what the model is; a checkpoint trained in
 FP8 is an ordinary checkpoint); swapping module classes (renames nothing but breaks `isinstance` users).
@@ -20,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fp8 import FP8, Precision, quantize_blocks
+from ..fp8 import FP8, SCALE_INV, Precision, dequantize_blocks, quantize_blocks
 from .linear import Linear
-from .moe import Experts
+from .moe import EXPERT_PROJS, Experts
 
 
 def set_precision(model: nn.Module, name: str = "plain", quantize: bool = True, pow2: bool = False) -> Precision:
@@ -39,19 +43,38 @@ def _targets(model: nn.Module, kinds: tuple[type, ...]) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, kinds) and m is not head]
 
 
+def _frozen_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every weight quantize_base covers: projections but lm_head, expert stacks."""
+    out = []
+    for m in _targets(model, (Linear, Experts)):
+        out += [(m, "weight")] if isinstance(m, Linear) else [(m, p) for p in EXPERT_PROJS]
+    return out
+
+
 @torch.no_grad()
 def quantize_base(model: nn.Module) -> int:
-    """Freeze every projection except lm_head as fp8 128x128 blocks (see above); returns the bytes freed.
+    """Freeze every projection except lm_head, and the routed experts, as fp8 128x128 blocks (see above);
+    returns the bytes freed.
 
-    Add the adapters first (their A/B take the base weight's dtype when created). Merging an adapter into an
-    FP8 base, or casting the model with `.to(dtype)` afterwards, is not supported.
+    Add the adapters first (their A/B take the base weight's dtype when created). Casting the model with
+    `.to(dtype)` afterwards is not supported; merging an adapter needs `dequantize_base` first.
     """
     freed = 0
-    for m in _targets(model, (Linear,)):
-        if m.weight.dtype != FP8:
-            w = m.weight
-            q, s = quantize_blocks(w)
+    for m, name in _frozen_weights(model):
+        w = getattr(m, name)
+        if w.dtype != FP8:
+            q, s = quantize_blocks(w)  # (..., N, K), (..., ceil(N/128), ceil(K/128)): per expert for a stack
             freed += w.numel() * w.element_size() - q.numel() - s.numel() * s.element_size()
-            m.weight = nn.Parameter(q.contiguous(), requires_grad=False)
-            m.register_buffer("weight_scale_inv", s)
+            setattr(m, name, nn.Parameter(q.contiguous(), requires_grad=False))
+            m.register_buffer(name + SCALE_INV, s.contiguous())
     return freed
+
+
+@torch.no_grad()
+def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Undo quantize_base: every frozen fp8 weight becomes its dequantized blocks in `dtype` (still frozen)."""
+    for m, name in _frozen_weights(model):
+        w = getattr(m, name)
+        if w.dtype == FP8:
+            s = m._buffers.pop(name + SCALE_INV)
+            setattr(m, name, nn.Parameter(dequantize_blocks(w, s).to(dtype), requires_grad=False))

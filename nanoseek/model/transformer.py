@@ -32,13 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import IGNORE_INDEX, ModelConfig
 from . import decoding
 from .attention import MLA, GPT2Attention, KVCache
 from .layers import GPT2MLP, RMSNorm, Rotary, SwiGLU
-from .linear import LoraContext, drop_lora_from_state_dict, ignore_missing_lora, linear
+from .linear import LoraContext, drop_lora_from_state_dict, ignore_missing_lora, linear, recomputed
 from .moe import MoE
 from .parametrization import mup_init, output_multiplier
 from .precision import set_precision
@@ -303,7 +302,7 @@ class CausalLM(nn.Module):
         """block(*args), under activation checkpointing while training: only the block's input is kept, its
         activations are recomputed in the backward (same dropout masks: the RNG state is replayed)."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            return recomputed(block, self.lora_context, *args)  # the active adapters are replayed too
         return block(*args)
 
     @staticmethod

@@ -128,9 +128,9 @@ class FinetuneConfig:
                                    "groups of N ranks; 1: every rank holds every expert")
     fp8: bool = flag(False, "fine-grained FP8 projections and routed experts (1x128 tiles, 128x128 blocks, E4M3; "
                             "emulated on CPU)")
-    base_fp8: bool = flag(False, "hold the frozen base projections as FP8 128x128 blocks (+ scales), "
-                                 "full-precision copy freed; LoRA only; the adapter is an ordinary PEFT adapter of "
-                                 "the unquantized base")
+    base_fp8: bool = flag(False, "hold the frozen base projections and routed experts as FP8 128x128 blocks "
+                                 "(+ scales), full-precision copy freed; LoRA only; the adapter is an ordinary PEFT "
+                                 "adapter of the unquantized base")
 
     def __post_init__(self):
         if self.lr is None:
