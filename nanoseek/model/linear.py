@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from ..fp8 import FP8, PLAIN, Precision
+from ..fp8 import FP8, PLAIN, SCALE_INV, Precision
 from ..lora_config import LoraConfig, VeraConfig
 from ..lora_variants import dora_as_lora, dora_scale
 
@@ -332,6 +332,27 @@ class LinearAdapters:
         return (g - 1) * base + g * F.linear(F.linear(xd, A), B)
 
 
+def apply_keeping_fp8(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
+    """`nn.Module._apply` (`apply`) that moves a frozen FP8 base (fp8 blocks + their fp32 `*_scale_inv`) between
+    devices but never casts it: `model.to(torch.bfloat16)` after precision.quantize_base would otherwise turn the
+    blocks into unscaled numbers and the scales into bf16."""
+    held = {n: p for n, p in module._parameters.items() if p is not None and p.dtype == FP8}
+    scales = {n + SCALE_INV: module._buffers[n + SCALE_INV] for n in held if n + SCALE_INV in module._buffers}
+    for n in held:
+        del module._parameters[n]
+    for n in scales:
+        del module._buffers[n]
+    try:
+        apply(fn, recurse)
+    finally:
+        for n, p in held.items():
+            device = fn(p[:0]).device  # where fn sends tensors (an empty slice: no copy of the blocks)
+            module._parameters[n] = nn.Parameter(p.to(device=device), requires_grad=False)
+        for n, t in scales.items():
+            module._buffers[n] = t.to(device=fn(t[:0]).device)
+    return module
+
+
 class Linear(nn.Linear, LinearAdapters):
     """The projection type: y = base_forward(x) + the active adapter's term.
 
@@ -344,6 +365,9 @@ class Linear(nn.Linear, LinearAdapters):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.init_adapters()
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_fp8(self, super()._apply, fn, recurse)  # an FP8 base moves but is never cast
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b under the precision recipe (LoRA then adds its term in the input's precision)."""

@@ -34,7 +34,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..fp8 import FP8, PLAIN, SCALE_INV, Precision
 from .layers import SwiGLU, activation
-from .linear import ExpertAdapters, LinearAdapters, expert_delta, grouped_mm, recomputed
+from .linear import ExpertAdapters, LinearAdapters, apply_keeping_fp8, expert_delta, grouped_mm, recomputed
 
 EXPERT_PROJS = ("gate_up_proj", "down_proj")  # the stacked expert weights
 
@@ -112,6 +112,9 @@ class Experts(nn.Module, ExpertAdapters):
         self.act = activation(cfg.hidden_act)
         self.init_adapters()  # LoRA: lora_A / lora_B / lora_scale per adapter and projection (linear.py)
         self.ep = None  # an expert_parallel.ExpertGroup when this rank holds a shard of the experts
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_fp8(self, super()._apply, fn, recurse)  # an FP8 base moves but is never cast
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""

@@ -56,8 +56,9 @@ def quantize_base(model: nn.Module) -> int:
     """Freeze every projection except lm_head, and the routed experts, as fp8 128x128 blocks (see above);
     returns the bytes freed.
 
-    Add the adapters first (their A/B take the base weight's dtype when created). Casting the model with
-    `.to(dtype)` afterwards is not supported; merging an adapter needs `dequantize_base` first.
+    Add the adapters first (their A/B take the base weight's dtype when created). `.to(dtype)` afterwards casts
+    everything else and leaves the blocks and their scales as they are (linear.apply_keeping_fp8); merging an
+    adapter needs `dequantize_base` first.
     """
     freed = 0
     for m, name in _frozen_weights(model):

@@ -191,3 +191,26 @@ def test_fp8_recomputed_mlps_save_less_with_the_same_gradients(adapter):
     assert torch.equal(l0, l1) and g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
     assert adapter is None or any(".experts.lora_A." in n for n in g0)
     assert s1 < 0.85 * s0  # gate/up outputs, act(gate) and the up-projections' fp8 inputs are not kept
+
+
+def test_casting_a_model_with_an_fp8_base_keeps_the_blocks():
+    """model.to(bf16) after quantize_base casts the rest but leaves the fp8 blocks and their fp32 scales (a cast
+    would turn them into unscaled numbers); the logits stay those of the fp32 model up to bf16 rounding."""
+    model = make_model(ds(), std=0.05)
+    quantize_base(model)
+    x = tokens(2, 12)
+    with torch.no_grad():
+        ref = model(x)
+    blocks = {n: p.clone() for n, p in model.named_parameters() if p.dtype == FP8}
+    scales = {n: b.clone() for n, b in model.named_buffers() if n.endswith("scale_inv")}
+    assert len(blocks) > 10 and len(scales) == len(blocks)
+    model.to(torch.bfloat16)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    for n, b in blocks.items():
+        assert params[n].dtype == FP8 and not params[n].requires_grad and torch.equal(params[n].float(), b.float())
+    for n, s in scales.items():
+        assert buffers[n].dtype == torch.float32 and torch.equal(buffers[n], s)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        got = model(x).float()
+    assert (got - ref).abs().mean() <= 0.02 * ref.abs().mean()  # bf16 rounding (and a rare routing flip)
