@@ -151,6 +151,9 @@ class FinetuneConfig:
         if self.base_fp8 and self.full:
             raise ValueError("FinetuneConfig: base_fp8=True (--base-fp8) needs LoRA: a frozen FP8 base cannot be "
                              "fully fine-tuned (drop --full)")
+        if self.base_fp8 and self.dora:
+            raise ValueError("FinetuneConfig: base_fp8=True (--base-fp8) cannot be combined with --dora: DoRA needs "
+                             "the base weight's row norms, which the FP8 blocks do not keep")
         if not 0 <= self.bias_update_stop_frac <= 1:
             raise ValueError(f"FinetuneConfig.bias_update_stop_frac={self.bias_update_stop_frac} must be in [0, 1]")
         if self.lr <= 0 or self.warmup_steps < 0 or self.lora_dropout < 0 or self.lora_dropout >= 1:

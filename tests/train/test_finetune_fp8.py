@@ -44,3 +44,8 @@ def test_fp8_finetune_runs(base, tmp_path):
 def test_base_fp8_refuses_full():
     with pytest.raises(ValueError, match="base_fp8"):
         FinetuneConfig(base="b", data="d", out_dir="o", full=True, base_fp8=True)
+
+
+def test_base_fp8_refuses_dora():
+    with pytest.raises(ValueError, match="--dora"):
+        FinetuneConfig(base="b", data="d", out_dir="o", dora=True, base_fp8=True)
