@@ -15,7 +15,7 @@ every expert's rows (`torch._grouped_mm`; a padded batched matmul where that ker
 is no Python loop over experts, and token counts per expert are a scatter-add (`expert_counts`). In a compiled
 step with at most E token copies (decoding a few rows) each copy instead multiplies its expert's gathered
 matrices (`Experts.gathered`): no sort, fixed shapes (eager, copying the matrices measured slower than the grouped
-GEMM; reading each copy's expert in place with `.item()` measured no faster compiled, slower eager). On disk the
+GEMM; reading each copy's expert in place with `.item()` measured within noise of both, ±6 %). On disk the
 experts are per-expert HF keys (see checkpoint.py). Under expert parallelism (`Experts.ep` set, see
 expert_parallel.py) a rank holds E/N of them and tokens are dispatched to them.
 
