@@ -189,10 +189,13 @@ class Decode:
 
 def plain_decode(run: Decode) -> tuple[torch.Tensor, dict]:
     B, T = run.input_ids.shape
-    static = fastdecode.wants_static(run.compile, run.input_ids.device)
+    device = run.input_ids.device
+    # adapters run eager; so does a step that would not compile to one graph (fastdecode.worth_compiling)
+    compile = run.compile and run.adapter is None and fastdecode.worth_compiling(run.model, B, device)
+    static = fastdecode.wants_static(compile, device)
     cache = fastdecode.make_cache(run.model, B, T + run.max_new, static)  # static: no host sync per step
     _, logits = run.prefill(cache)
-    step = fastdecode.step_function(run.compile and run.adapter is None)  # adapters: eager
+    step = fastdecode.step_function(compile)
     em, forwards = Emitter(run.input_ids, run.lengths, run.max_new, run.eos), 1
     while not em.done:
         nxt = run.sample(logits)  # (B,)

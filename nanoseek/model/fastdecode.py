@@ -53,6 +53,17 @@ def wants_static(compile: bool, device: torch.device) -> bool:
     return compile or device.type == "cuda"
 
 
+def worth_compiling(model: torch.nn.Module, batch_size: int, device: torch.device) -> bool:
+    """Whether `compile=True` compiles the step here. On a CPU a DeepSeek-V3 step compiles only while its routed
+    experts take the gathered path (batch * top-k <= experts): a larger batch goes through the grouped GEMM, whose
+    fp32 fallback has a data-dependent size and breaks the graph; measured 0.73x the eager step at batch 32
+    (BENCHMARKS.md). Then the eager step (with its growing cache) runs instead."""
+    cfg = model.config
+    if device.type != "cpu" or cfg.model_type != "deepseek_v3" or not cfg.n_routed_experts:
+        return True
+    return batch_size * cfg.num_experts_per_tok <= cfg.n_routed_experts
+
+
 def step(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache, adapter=None, adapter_names=None) -> torch.Tensor:
     """One decode forward: ids (B, 1) -> logits (B, V) of the next token; the cache advances by one.
     `adapter`/`adapter_names` as in Model.forward."""
