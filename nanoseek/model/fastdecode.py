@@ -10,7 +10,8 @@ core's GEMM rate). This module and its callers remove what they can:
     the sync costs nothing there);
   * MLA's absorbed attention runs the heads as queries of one shared key (attention.py), not an expanded key;
   * in a compiled step the routed experts use `Experts.gathered` for the few token copies (no sort/bincount);
-  * `compile=True`: the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
+  * `compile=True` (on a CPU, for a DeepSeek-V3 model, only while batch * top-k <= experts: `worth_compiling`):
+    the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
     ops around the GEMMs. Prefill stays eager (one call); adapters and speculative decoding stay eager.
 Outputs equal the plain path's: masked slots get exactly zero attention weight, so the same tokens come out
