@@ -332,25 +332,28 @@ class LinearAdapters:
         return (g - 1) * base + g * F.linear(F.linear(xd, A), B)
 
 
-def apply_keeping_fp8(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
-    """`nn.Module._apply` (`apply`) that moves a frozen FP8 base (fp8 blocks + their fp32 `*_scale_inv`) between
-    devices but never casts it: `model.to(torch.bfloat16)` after precision.quantize_base would otherwise turn the
-    blocks into unscaled numbers and the scales into bf16."""
-    held = {n: p for n, p in module._parameters.items() if p is not None and p.dtype == FP8}
-    scales = {n + SCALE_INV: module._buffers[n + SCALE_INV] for n in held if n + SCALE_INV in module._buffers}
-    for n in held:
-        del module._parameters[n]
-    for n in scales:
-        del module._buffers[n]
+def apply_keeping_dtype(module: nn.Module, apply, fn, recurse: bool, names) -> nn.Module:
+    """`nn.Module._apply` (`apply`) under which the parameters / buffers `names` of `module` follow what `fn` does
+    to tensors except a cast: the router's fp32 bias (0.001 steps), a frozen FP8 base (fp8 blocks + fp32
+    `*_scale_inv`, which `model.to(torch.bfloat16)` would otherwise turn into unscaled numbers)."""
+    kept = {n: (module._parameters if n in module._parameters else module._buffers).pop(n) for n in names}
     try:
         apply(fn, recurse)
     finally:
-        for n, p in held.items():
-            device = fn(p[:0]).device  # where fn sends tensors (an empty slice: no copy of the blocks)
-            module._parameters[n] = nn.Parameter(p.to(device=device), requires_grad=False)
-        for n, t in scales.items():
-            module._buffers[n] = t.to(device=fn(t[:0]).device)
+        for n, t in kept.items():
+            probe = fn(t[:0])  # what fn makes of t (device, dtype), from an empty slice: no copy
+            moved = fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
+            if isinstance(t, nn.Parameter):
+                module._parameters[n] = nn.Parameter(moved, requires_grad=t.requires_grad)
+            else:
+                module._buffers[n] = moved
     return module
+
+
+def fp8_base_names(module: nn.Module) -> list[str]:
+    """The frozen FP8 base weights of `module` (precision.quantize_base) and their scale buffers."""
+    weights = [n for n, p in module._parameters.items() if p is not None and p.dtype == FP8]
+    return weights + [n + SCALE_INV for n in weights if n + SCALE_INV in module._buffers]
 
 
 class Linear(nn.Linear, LinearAdapters):
@@ -366,8 +369,8 @@ class Linear(nn.Linear, LinearAdapters):
         super().__init__(in_features, out_features, bias=bias)
         self.init_adapters()
 
-    def _apply(self, fn, recurse=True):
-        return apply_keeping_fp8(self, super()._apply, fn, recurse)  # an FP8 base moves but is never cast
+    def _apply(self, fn, recurse=True):  # an FP8 base moves but is never cast
+        return apply_keeping_dtype(self, super()._apply, fn, recurse, fp8_base_names(self))
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b under the precision recipe (LoRA then adds its term in the input's precision)."""

@@ -34,7 +34,15 @@ from torch import nn
 from ..config import ModelConfig
 from ..fp8 import FP8, PLAIN, SCALE_INV, Precision
 from .layers import SwiGLU, activation
-from .linear import ExpertAdapters, LinearAdapters, apply_keeping_fp8, expert_delta, grouped_mm, recomputed
+from .linear import (
+    ExpertAdapters,
+    LinearAdapters,
+    apply_keeping_dtype,
+    expert_delta,
+    fp8_base_names,
+    grouped_mm,
+    recomputed,
+)
 
 EXPERT_PROJS = ("gate_up_proj", "down_proj")  # the stacked expert weights
 
@@ -62,15 +70,7 @@ class Gate(nn.Module, LinearAdapters):
 
     def _apply(self, fn, recurse=True):
         """Moves/casts like any module, except that the routing bias stays fp32 (0.001 steps need it)."""
-        bias = self._buffers.pop("e_score_correction_bias")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            moved = fn(bias)
-            if moved.dtype != torch.float32:
-                moved = bias.to(device=moved.device, dtype=torch.float32)
-            self._buffers["e_score_correction_bias"] = moved
-        return self
+        return apply_keeping_dtype(self, super()._apply, fn, recurse, ["e_score_correction_bias"])
 
     def forward(self, x: torch.Tensor):
         """x (N, H) -> logits (N, E) fp32, scores (N, E) fp32, top-k indices (N, K), weights (N, K) fp32."""
@@ -113,8 +113,8 @@ class Experts(nn.Module, ExpertAdapters):
         self.init_adapters()  # LoRA: lora_A / lora_B / lora_scale per adapter and projection (linear.py)
         self.ep = None  # an expert_parallel.ExpertGroup when this rank holds a shard of the experts
 
-    def _apply(self, fn, recurse=True):
-        return apply_keeping_fp8(self, super()._apply, fn, recurse)  # an FP8 base moves but is never cast
+    def _apply(self, fn, recurse=True):  # an FP8 base moves but is never cast
+        return apply_keeping_dtype(self, super()._apply, fn, recurse, fp8_base_names(self))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx/weights (N, K) -> sum_k weights[:, k] * expert_idx[:, k](x)   (N, H)."""

@@ -57,7 +57,7 @@ def quantize_base(model: nn.Module) -> int:
     returns the bytes freed.
 
     Add the adapters first (their A/B take the base weight's dtype when created). `.to(dtype)` afterwards casts
-    everything else and leaves the blocks and their scales as they are (linear.apply_keeping_fp8); merging an
+    everything else and leaves the blocks and their scales as they are (linear.apply_keeping_dtype); merging an
     adapter needs `dequantize_base` first.
     """
     freed = 0
