@@ -62,13 +62,18 @@ def test_mup_trainconfig_builds_mup_optimizer(corpus, tmp_path):
     assert hidden and all(g["weight_decay"] == pytest.approx(0.2) for g in hidden)
 
 
+def _search_args(corpus, out, *search) -> list[str]:
+    """`nanoseek sweep --search` on dsv3-tiny at width 32, tiny runs on `corpus`; `search`: the search flags."""
+    return ["sweep", "--preset", "dsv3-tiny", "--widths", "32", *search, "--max-steps", "3", "--batch-size", "2",
+            "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300", "--warmup-steps", "1", "--data",
+            str(corpus), "--base-width", "32", "--out", str(out)]
+
+
 def test_sweep_search_halves_and_transfers_every_value(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "search"
-    args = ["sweep", "--preset", "dsv3-tiny", "--widths", "32", "--search", "3", "--search-eta", "3",
-            "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
-            "--warmup-steps", "1", "--data", str(corpus), "--base-width", "32", "--transfer-to", "64",
-            "--search-refine-lr", "", "--out", str(out)]
+    args = _search_args(corpus, out, "--search", "3", "--search-eta", "3", "--transfer-to", "64",
+                        "--search-refine-lr", "")
     assert main(args) == 0
     data = json.loads((out / "sweep.json").read_text())
     runs, chosen = data["runs"], data["summary"]["chosen"]
@@ -87,10 +92,7 @@ def test_sweep_search_halves_and_transfers_every_value(corpus, tmp_path, capsys,
 def test_sweep_search_refines_the_winners_lr(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "search"
-    args = ["sweep", "--preset", "dsv3-tiny", "--widths", "32", "--search", "2", "--search-eta", "2",
-            "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--vocab-size", "300",
-            "--warmup-steps", "1", "--data", str(corpus), "--base-width", "32", "--search-refine-lr", "0.25,4",
-            "--out", str(out)]
+    args = _search_args(corpus, out, "--search", "2", "--search-eta", "2", "--search-refine-lr", "0.25,4")
     assert main(args) == 0
     data = json.loads((out / "sweep.json").read_text())
     runs, chosen = data["runs"], data["summary"]["chosen"]
