@@ -27,6 +27,7 @@ draft was drawn from; vLLM measured 10 % vs 49 % acceptance at temperature 1).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -195,14 +196,18 @@ def plain_decode(run: Decode) -> tuple[torch.Tensor, dict]:
     static = fastdecode.wants_static(compile, device)
     cache = fastdecode.make_cache(run.model, B, T + run.max_new, static)  # static: no host sync per step
     _, logits = run.prefill(cache)
-    step = fastdecode.step_function(compile)
+    step = fastdecode.step_function(compile, device)
     em, forwards = Emitter(run.input_ids, run.lengths, run.max_new, run.eos), 1
+    stance = contextlib.nullcontext()
     while not em.done:
         nxt = run.sample(logits)  # (B,)
         em.push(nxt[:, None], torch.ones_like(nxt))
         if em.done:
             break
-        logits = step(run.model, nxt[:, None], cache, run.adapter, run.adapter_names)
+        with stance:
+            logits = step(run.model, nxt[:, None], cache, run.adapter, run.adapter_names)
+        if compile and forwards == 1:  # the first step checked the guards (and compiled if it had to)
+            stance = fastdecode.same_step_again()
         forwards += 1
     return em.result(), {"speculative": False, "main_forwards": forwards}
 

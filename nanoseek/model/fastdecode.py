@@ -13,7 +13,9 @@ core's GEMM rate). This module and its callers remove what they can:
   * `compile=True` (on a CPU, for a DeepSeek-V3 model, only while batch * top-k <= experts: `worth_compiling`):
     the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
-    ops around the GEMMs. Prefill stays eager (one call); adapters and speculative decoding stay eager.
+    ops around the GEMMs; on a CPU its C++ wrapper calls the kernels, and a loop's steps after its first skip
+    Dynamo's guards (`same_step_again`). Prefill stays eager (one call); adapters and speculative decoding
+    stay eager.
 Outputs equal the plain path's: masked slots get exactly zero attention weight, so the same tokens come out
 (tests/model/test_fastdecode.py compares logits and greedy tokens).
 
@@ -71,7 +73,21 @@ def step(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache, adapter=None
     return model(ids, cache=cache, adapter=adapter, adapter_names=adapter_names)[:, -1]
 
 
-def step_function(compile: bool, mode: str | None = None):
+def step_function(compile: bool, device: torch.device | None = None, mode: str | None = None):
     """`step`, or `step` under torch.compile. Dynamo keeps compiled code on `step`'s code object, so a later
-    generate call with the same model and shapes reuses it (and Inductor's on-disk cache serves later runs)."""
-    return torch.compile(step, dynamic=False, mode=mode) if compile else step
+    generate call with the same model and shapes reuses it (and Inductor's on-disk cache serves later runs).
+    On a CPU the graph is called through Inductor's C++ wrapper: a batch-1 step is ~100 small kernels, and
+    calling them from Python cost ~1 ms of a ~6 ms step (BENCHMARKS.md, "Fast by default, third session")."""
+    if not compile:
+        return step
+    if mode is None and device is not None and device.type == "cpu":
+        return torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
+    return torch.compile(step, dynamic=False, mode=mode)
+
+
+def same_step_again():
+    """Context for the steps of one decode loop after its first compiled step: nothing Dynamo guards on changes
+    between them (the same model, the same static cache object and shapes; only tensor values move), so the
+    guards are not evaluated again (~0.3 ms a step at batch 1). A loop that changes adapters, shapes or the
+    model must not run under it."""
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)

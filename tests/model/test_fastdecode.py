@@ -76,6 +76,11 @@ def test_compiled_decode_step_gives_the_same_tokens(name):
     plain = model.generate(x, 8)
     assert torch.equal(model.generate(x, 8, compile=True), plain)
     assert torch.equal(model.generate(x, 8, compile=True), plain)  # the compiled code is reused
+    # another batch compiles a second graph; the steps after a loop's first skip the guards
+    # (fastdecode.same_step_again), so each loop must still pick its own graph
+    y = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model.generate(y, 20, compile=True), model.generate(y, 20))
+    assert torch.equal(model.generate(x, 8, compile=True), plain)
 
 
 def test_static_cache_when_compiling_or_on_cuda():
