@@ -64,8 +64,6 @@ def _native_grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     # both kernels need 16-byte aligned rows: K and N a multiple of 4 (fp32) or 8 (bf16) elements
     if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
         return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # inductor's lowering of _grouped_mm takes bf16 only (eager also runs fp32 on CPU)
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9  # sm90+
@@ -77,9 +75,51 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     x (M, K) with rows of group e in [offs[e-1], offs[e]); w (E, K, N); offs (E,) int32 cumulative ends.
     Returns (M, N). This is the one grouped-matmul entry point that FP8 and LoRA extend.
     """
-    if _native_grouped_ok(x, w):
-        return torch._grouped_mm(x, w, offs=offs)
-    return _padded_grouped_mm(x, w, offs)
+    if not _native_grouped_ok(x, w):
+        return _padded_grouped_mm(x, w, offs)
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return torch.ops.nanoseek.grouped_mm(x, w, offs)  # Inductor lowers bf16 only: keep ATen's kernel
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+# Inductor's lowering of `_grouped_mm` takes bf16 only, and the padded fallback sizes its buffer by the largest
+# group (`int(counts.max())`: a host sync and a graph break per MoE layer). Under compile an fp32 grouped GEMM
+# is this opaque op instead: ATen's own kernel (the one eager runs), shape known to the compiler, its backward
+# two more of them (dx = g W^T per group, dW_e = x_e^T g_e).
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=(), schema="(Tensor x, Tensor w, Tensor offs) -> Tensor")
+def _grouped_mm_op(x, w, offs):
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@torch.library.custom_op("nanoseek::grouped_mm_wgrad", mutates_args=(),
+                         schema="(Tensor x, Tensor g, Tensor offs) -> Tensor")
+def _grouped_wgrad_op(x, g, offs):
+    return torch._grouped_mm(x.t(), g, offs=offs)  # (E, K, N): each group's x_e^T g_e
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@_grouped_wgrad_op.register_fake
+def _(x, g, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], g.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, g):
+    x, w, offs = ctx.saved_tensors
+    g = g.contiguous()  # autograd may hand an expanded gradient; the kernel wants real strides
+    dx = torch.ops.nanoseek.grouped_mm(g, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = torch.ops.nanoseek.grouped_mm_wgrad(x, g, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,41 @@ def test_grouped_mm_dispatch(monkeypatch):
     assert calls == [1]  # float64: the fallback
 
 
+@pytest.mark.parametrize("counts", [[2, 0, 5, 1], [0, 0, 0, 8]])
+def test_compiled_grouped_op_equals_the_native_kernel_and_its_gradients(counts):
+    """Under torch.compile an fp32 grouped GEMM is the opaque op `nanoseek::grouped_mm` (Inductor lowers bf16
+    only); its output and both gradients (dx per group, dW_e = x_e^T g_e, zero for an empty expert) equal
+    `torch._grouped_mm`'s own autograd, and torch.library.opcheck accepts its fake and autograd registrations."""
+    torch.manual_seed(2)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(4, 24, 16).transpose(1, 2).requires_grad_(True)  # transposed, as Experts passes it
+    g = torch.randn(8, 24)
+    grads = []
+    for fn in (lambda: torch._grouped_mm(x, w, offs=offs), lambda: torch.ops.nanoseek.grouped_mm(x, w, offs)):
+        y = fn()
+        y.backward(g)
+        grads.append((y.detach(), x.grad, w.grad))
+        x.grad = w.grad = None
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    empty = [e for e, c in enumerate(counts) if c == 0]
+    assert all(grads[1][2][e].abs().max() == 0 for e in empty)
+    torch.library.opcheck(torch.ops.nanoseek.grouped_mm.default, (x, w, offs))
+    torch.library.opcheck(torch.ops.nanoseek.grouped_mm_wgrad.default, (x.detach(), g, offs))
+
+
+def test_compiled_moe_training_forward_is_one_graph():
+    """Dynamo (no Inductor: cheap) traces a DeepSeek-V3 training forward with its loss as one graph: the padded
+    fallback's `int(counts.max())` once broke it at every MoE layer (24 graphs on the 6-layer model, and the
+    compiled step ran at 0.99x eager; 1.18x with one graph, BENCHMARKS.md)."""
+    model = Model(tiny.ds())
+    x = torch.randint(0, 64, (2, 12))
+    explained = torch._dynamo.explain(model)(x, targets=x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def _moe_forward_and_grads(cfg, x):
     torch.manual_seed(3)
     moe = MoE(cfg)
