@@ -6,7 +6,8 @@ Hugging Face directory and loaded by `transformers.AutoModelForCausalLM`, so bot
   prefill  tokens/s of one no-grad forward over B x T tokens (logits of every position)
   decode   tokens/s of greedy `generate` vs `generate` at batch 1 and batch 32 (prompt + new tokens, both sides
            build and use their own cache); the greedy tokens must be the same on both sides (printed);
-           `--compile`: nanoseek's one-token step is compiled (its compile time is reported, not timed)
+           `--compile`: nanoseek's training model and one-token decode step are compiled (the peers run as their
+           users run them, eager; nanoseek's compile time is reported as its warm-up, not timed)
 Repetitions are interleaved (ours, theirs, ours, theirs, ...) so that a busy machine slows both alike; the table
 gives the median of each side and the ratio nanoseek / peer. `--nanogpt DIR` adds Karpathy's nanoGPT (DIR/model.py,
 `GPT`/`GPTConfig`) to the GPT-2 training and prefill races with the same weights. `transformers` is optional:
@@ -111,9 +112,12 @@ def interleave(runners: dict, reps: int, sync) -> dict[str, list[float]]:
     return times
 
 
-def train_runner(kind: str, model, x: torch.Tensor, ctx):
-    """One optimizer step on x (B, T+1) for a nanoseek, transformers or nanoGPT model."""
+def train_runner(kind: str, model, x: torch.Tensor, ctx, compile: bool = False):
+    """One optimizer step on x (B, T+1) for a nanoseek, transformers or nanoGPT model (nanoseek's compiled if
+    asked, as `pretrain --compile` does)."""
     model.train()
+    if compile and kind == "nanoseek":
+        model.compile()
     opt = configure_optimizer(model, lr=1e-4) if kind == "nanoseek" else \
         torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # nanoGPT views its targets
@@ -208,7 +212,8 @@ def main() -> None:
                    help="compute dtype of every side, as pretrain's --dtype (default float32; auto: bf16 autocast "
                         "where the device multiplies bf16 natively)")
     p.add_argument("--compile", action="store_true",
-                   help="nanoseek decodes with generate(compile=True) (compile time is in the warm-up, reported)")
+                   help="nanoseek trains compiled and decodes with generate(compile=True) (compile time is in the "
+                        "warm-up, reported)")
     p.add_argument("--attn", default=None, help="transformers attn_implementation (default: its own, sdpa)")
     p.add_argument("--nanogpt", default=None, metavar="DIR", help="a nanoGPT checkout: race DIR/model.py too")
     args = p.parse_args()
@@ -263,7 +268,7 @@ def main() -> None:
         if not peers:
             continue
         if "train" not in args.skip:  # each side trains its own copy: the steps change the weights
-            runners = {"nanoseek": train_runner("nanoseek", copy.deepcopy(ours), x, ctx)}
+            runners = {"nanoseek": train_runner("nanoseek", copy.deepcopy(ours), x, ctx, args.compile)}
             runners |= {k: train_runner(k, copy.deepcopy(m), x, ctx) for k, m in peers.items()}
             race(rows, arch, "train", runners, args.batch * args.seq, args.reps, args.warmup, sync,
                  shape=f"{args.batch}x{args.seq}")

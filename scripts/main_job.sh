@@ -18,8 +18,10 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 NS=$NANOSEEK
 start=$(date +%s)
+# --compile: 1.24x the eager steps, same bits/byte; the first run compiles for ~2 minutes, later runs reuse
+# Inductor's on-disk cache in seconds (BENCHMARKS.md, "Fast by default, third session")
 $NS pretrain --preset dsv3-tiny --out-dir "$OUT" --max-steps 600 --seq-len 256 --batch-size 16 --lr 3e-3 \
-    --warmup-steps 30 --eval-every 150 --eval-batches 40 --save-every 150 --log-every 25 "$@"
+    --warmup-steps 30 --eval-every 150 --eval-batches 40 --save-every 150 --log-every 25 --compile "$@"
 CKPT=$(ls -d "$OUT"/checkpoints/step-* | sort | tail -n 1)
 echo "== evaluation of $CKPT (full validation split)"
 $NS eval --checkpoint "$CKPT"

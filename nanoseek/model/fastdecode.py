@@ -58,9 +58,10 @@ def wants_static(compile: bool, device: torch.device) -> bool:
 
 def worth_compiling(model: torch.nn.Module, batch_size: int, device: torch.device) -> bool:
     """Whether `compile=True` compiles the step here. On a CPU a DeepSeek-V3 step compiles only while its routed
-    experts take the gathered path (batch * top-k <= experts): a larger batch goes through the grouped GEMM, whose
-    fp32 fallback has a data-dependent size and breaks the graph; measured 0.73x the eager step at batch 32
-    (BENCHMARKS.md). Then the eager step (with its growing cache) runs instead."""
+    experts take the gathered path (batch * top-k <= experts): a larger batch goes through the grouped GEMM and
+    the compiled step was slower than the eager one at batch 32: 0.73x while the grouped GEMM broke the graph,
+    0.48x (430 vs 888 tokens/s) as one graph with the `nanoseek::grouped_mm` op (BENCHMARKS.md). Then the eager
+    step (with its growing cache) runs instead."""
     cfg = model.config
     if device.type != "cpu" or cfg.model_type != "deepseek_v3" or not cfg.n_routed_experts:
         return True
