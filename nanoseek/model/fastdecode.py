@@ -10,7 +10,7 @@ core's GEMM rate). This module and its callers remove what they can:
     the sync costs nothing there);
   * MLA's absorbed attention runs the heads as queries of one shared key (attention.py), not an expanded key;
   * in a compiled step the routed experts use `Experts.gathered` for the few token copies (no sort/bincount);
-  * `compile=True` (on a CPU, for a DeepSeek-V3 model, only while batch * top-k <= experts: `worth_compiling`):
+  * `compile=True` (on a CPU at batch 1 only: `worth_compiling`):
     the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
     ops around the GEMMs; on a CPU its C++ wrapper calls the kernels, and a loop's steps after its first skip
@@ -57,15 +57,14 @@ def wants_static(compile: bool, device: torch.device) -> bool:
 
 
 def worth_compiling(model: torch.nn.Module, batch_size: int, device: torch.device) -> bool:
-    """Whether `compile=True` compiles the step here. On a CPU a DeepSeek-V3 step compiles only while its routed
-    experts take the gathered path (batch * top-k <= experts): a larger batch goes through the grouped GEMM and
-    the compiled step was slower than the eager one at batch 32: 0.73x while the grouped GEMM broke the graph,
-    0.48x (430 vs 888 tokens/s) as one graph with the `nanoseek::grouped_mm` op (BENCHMARKS.md). Then the eager
-    step (with its growing cache) runs instead."""
-    cfg = model.config
-    if device.type != "cpu" or cfg.model_type != "deepseek_v3" or not cfg.n_routed_experts:
-        return True
-    return batch_size * cfg.num_experts_per_tok <= cfg.n_routed_experts
+    """Whether `compile=True` compiles the step here: on a CPU only at batch 1, where it pays; other devices
+    compile as asked. Measured on the 2-core CPU, 6 x 384 models, 64 new tokens (BENCHMARKS.md, "Fast by
+    default, third session"): DeepSeek-V3 compiled at batch 1 2.2x `transformers generate` against 1.0x eager,
+    at batch 4 1.04x its eager step, at 32 0.48x; GPT-2 about 1.1x eager at batch 1, 0.4-0.5x at 4 and 8, 0.17x
+    at 32. Above batch 1 the compiled step's writes into the static cache (per-row positions) cost more than it
+    saves (Inductor rewrites the cache buffer). Then the eager step (with its growing cache) runs instead."""
+    del model  # the rule holds for both architectures
+    return device.type != "cpu" or batch_size == 1
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache, adapter=None, adapter_names=None) -> torch.Tensor:

@@ -71,15 +71,15 @@ def test_generate_with_the_fast_path_equals_full_forwards(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_compiled_decode_step_gives_the_same_tokens(name):
-    model = make_model(CONFIGS[name]())
-    x = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    model = make_model(CONFIGS[name](max_position_embeddings=2 * BUCKET))
+    x = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))  # a CPU compiles at batch 1
     plain = model.generate(x, 8)
     assert torch.equal(model.generate(x, 8, compile=True), plain)
     assert torch.equal(model.generate(x, 8, compile=True), plain)  # the compiled code is reused
-    # another batch compiles a second graph; the steps after a loop's first skip the guards
-    # (fastdecode.same_step_again), so each loop must still pick its own graph
+    # a longer cache (another static length) compiles a second graph; the steps after a loop's first skip the
+    # guards (fastdecode.same_step_again), so each loop must still pick its own graph
     y = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(model.generate(y, 20, compile=True), model.generate(y, 20))
+    assert torch.equal(model.generate(y, BUCKET, compile=True), model.generate(y, BUCKET))
     assert torch.equal(model.generate(x, 8, compile=True), plain)
 
 
@@ -101,11 +101,11 @@ def test_decode_step_traces_as_one_graph(name):
     assert explained.graph_count == 1
 
 
-def test_cpu_compiles_a_moe_step_only_while_its_experts_are_gathered():
-    """On a CPU, batch * top-k > experts would go through the grouped GEMM, which breaks the graph (and ran at
-    0.73x eager): that step stays eager. Other models and devices compile as asked."""
+def test_cpu_compiles_a_decode_step_only_at_batch_one():
+    """On a CPU the compiled step lost to the eager one above batch 1 (0.48x / 0.17x at batch 32 for DeepSeek-V3
+    / GPT-2): those steps stay eager. Other devices compile as asked."""
     ds_model, gpt2_model = make_model(tiny.ds()), make_model(tiny.gpt2())
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    E, K = ds_model.config.n_routed_experts, ds_model.config.num_experts_per_tok
-    assert worth_compiling(ds_model, E // K, cpu) and not worth_compiling(ds_model, E // K + 1, cpu)
-    assert worth_compiling(ds_model, 64, cuda) and worth_compiling(gpt2_model, 64, cpu)
+    for model in (ds_model, gpt2_model):
+        assert worth_compiling(model, 1, cpu) and not worth_compiling(model, 2, cpu)
+        assert worth_compiling(model, 64, cuda)
