@@ -4,8 +4,8 @@
 # samples, measure MTP speculative decoding (acceptance, tokens/s vs plain), fine-tune one LoRA adapter per
 # tenant task (three stdlib packages) to show that each adapter lowers its own task's loss the most and loads in
 # peft with the same logits, then serve the base and the three adapters at once (`nanoseek serve`) and query
-# them with the official openai client. 22 minutes from a fresh clone on a 2-core machine, up to 32 when it is busy (the
-# measurement and its conditions: BENCHMARKS.md "Main job").
+# them with the official openai client. 22 minutes from a fresh clone on a 2-core machine, up to 32 when it is
+# busy (the measurements and their conditions: BENCHMARKS.md "Main job").
 # Usage: scripts/main_job.sh [OUT_DIR] [extra pretrain flags]
 set -euo pipefail
 OUT=${1:-runs/main}
