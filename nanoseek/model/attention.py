@@ -56,15 +56,25 @@ class KVCache:
         if self.mla:
             width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
             self.latent = torch.zeros(L, batch_size, max_len, width, device=device, dtype=dtype)
+            self._latent = self._views(self.latent)
         else:
             shape = (L, batch_size, cfg.num_attention_heads, max_len, cfg.head_dim)
             self.k = torch.zeros(shape, device=device, dtype=dtype)
             self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self._k, self._v = self._views(self.k), self._views(self.v)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) for per-row slot writes
         self.positions: torch.Tensor | None = None  # (B, T) positions of this step's tokens
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) True = may attend
         self.span = 0  # S: cache slots this step attends over
+
+    def _views(self, buf: torch.Tensor) -> list[torch.Tensor] | None:
+        """A static cache's per-layer views, made once: a compiled step writes its new slots through them in
+        place, where indexing the stacked buffer per step (`buf[layer]`) made Inductor rewrite all of it every
+        step (55 ms of a GPT-2 batch-32 step; BENCHMARKS.md, "Fast by default, third session"). Only static
+        caches keep them (decoding, under no_grad): a view made before a write that records autograd history
+        could not be written again in grad mode."""
+        return [buf[i] for i in range(buf.shape[0])] if self.static else None
 
     @property
     def batch_size(self) -> int:
@@ -96,15 +106,17 @@ class KVCache:
     def update_latent(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         """new (B, T, W) -> all cached latents (B, S, W) of this layer, including the new ones."""
         layer -= self.first_layer
-        self.latent[layer][self.rows, self.positions] = new.to(self.latent.dtype)
-        return self.latent[layer, :, : self.span]
+        cache = self._latent[layer] if self.static else self.latent[layer]  # see _views
+        cache[self.rows, self.positions] = new.to(cache.dtype)
+        return cache[:, : self.span]
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H, T, D) -> cached (B, H, S, D) each."""
-        rows, layer = self.rows, layer - self.first_layer
-        self.k[layer].transpose(1, 2)[rows, self.positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer].transpose(1, 2)[rows, self.positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]
+        layer -= self.first_layer
+        kc, vc = (self._k[layer], self._v[layer]) if self.static else (self.k[layer], self.v[layer])  # see _views
+        kc[self.rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)  # (B, T, H, D) into slots (rows, positions)
+        vc[self.rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
+        return kc[:, :, : self.span], vc[:, :, : self.span]
 
 
 class GPT2Attention(nn.Module):

@@ -10,7 +10,7 @@ core's GEMM rate). This module and its callers remove what they can:
     the sync costs nothing there);
   * MLA's absorbed attention runs the heads as queries of one shared key (attention.py), not an expanded key;
   * in a compiled step the routed experts use `Experts.gathered` for the few token copies (no sort/bincount);
-  * `compile=True` (on a CPU at batch 1 only: `worth_compiling`):
+  * `compile=True` (on a CPU up to batch 8: `worth_compiling`):
     the one-token step `model(ids (B, 1), cache) -> logits (B, V)` goes through
     `torch.compile(dynamic=False)` once per (batch, cache length) shape; Inductor fuses the small elementwise
     ops around the GEMMs; on a CPU its C++ wrapper calls the kernels, and a loop's steps after its first skip
@@ -56,15 +56,17 @@ def wants_static(compile: bool, device: torch.device) -> bool:
     return compile or device.type == "cuda"
 
 
+COMPILE_MAX_BATCH_CPU = 8  # on a CPU the compiled step stops paying above this batch (worth_compiling)
+
+
 def worth_compiling(model: torch.nn.Module, batch_size: int, device: torch.device) -> bool:
-    """Whether `compile=True` compiles the step here: on a CPU only at batch 1, where it pays; other devices
-    compile as asked. Measured on the 2-core CPU, 6 x 384 models, 64 new tokens (BENCHMARKS.md, "Fast by
-    default, third session"): DeepSeek-V3 compiled at batch 1 2.2x `transformers generate` against 1.0x eager,
-    at batch 4 1.04x its eager step, at 32 0.48x; GPT-2 about 1.1x eager at batch 1, 0.4-0.5x at 4 and 8, 0.17x
-    at 32. Above batch 1 the compiled step's writes into the static cache (per-row positions) cost more than it
-    saves (Inductor rewrites the cache buffer). Then the eager step (with its growing cache) runs instead."""
+    """Whether `compile=True` compiles the step here: on a CPU up to COMPILE_MAX_BATCH_CPU rows, where it pays;
+    other devices compile as asked. Measured on the 2-core CPU, 6 x 384 models, 64 new tokens, compiled vs eager
+    step (BENCHMARKS.md, "Fast by default, third session"): DeepSeek-V3 2.4x at batch 1 (2.35x `transformers
+    generate` against 0.98x), 1.61x at 4, 1.43x at 8, 1.01x at 32; GPT-2 about 1.1x at 1, 1.2x at 4, 1.03x at 8,
+    0.9x at 32. Above it the eager step (with its growing cache) runs instead."""
     del model  # the rule holds for both architectures
-    return device.type != "cpu" or batch_size == 1
+    return device.type != "cpu" or batch_size <= COMPILE_MAX_BATCH_CPU
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache, adapter=None, adapter_names=None) -> torch.Tensor:
