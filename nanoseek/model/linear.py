@@ -171,25 +171,23 @@ class LoraContext:
     def use(self, adapter, adapter_names=None, batch_size: int | None = None):
         """Activate `adapter` (None, a name, or a (B,) index tensor) for the body of the `with`; the previous
         state comes back afterwards (a forward may run inside another one, e.g. a draft model's)."""
-        saved = self.adapter, self.names, self.rows, self._stacks
-        self.adapter, self.names, self.rows = self._resolve(adapter, adapter_names, batch_size)
-        keep = self.stack_cache is not None and self.names is not None
-        self._stacks = self.stack_cache.setdefault(tuple(self.names), {}) if keep else {}
-        try:
+        state = self._resolve(adapter, adapter_names, batch_size)  # (adapter, names, rows)
+        names = state[1]
+        keep = self.stack_cache is not None and names is not None
+        with self._entered(state, self.stack_cache.setdefault(tuple(names), {}) if keep else {}):
             yield
-        finally:
-            self.adapter, self.names, self.rows, self._stacks = saved
 
     def replay(self):
         """context_fn for activation checkpointing (`recomputed`): nothing around the forward; around the
         recomputation in backward, which runs after Model.forward has left `use`, this forward's adapter state
         again (with fresh per-forward stacks, as the forward built them)."""
-        return nullcontext(), self._entered((self.adapter, self.names, self.rows))
+        return nullcontext(), self._entered((self.adapter, self.names, self.rows), {})
 
     @contextmanager
-    def _entered(self, state):
+    def _entered(self, state, stacks: dict):
+        """(adapter, names, rows) and the stacks for the body of the `with`; the previous state afterwards."""
         saved = self.adapter, self.names, self.rows, self._stacks
-        (self.adapter, self.names, self.rows), self._stacks = state, {}
+        (self.adapter, self.names, self.rows), self._stacks = state, stacks
         try:
             yield
         finally:
