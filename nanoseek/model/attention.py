@@ -76,6 +76,10 @@ class KVCache:
         could not be written again in grad mode."""
         return [buf[i] for i in range(buf.shape[0])] if self.static else None
 
+    def _layer(self, buf: torch.Tensor, views: list[torch.Tensor] | None, layer: int) -> torch.Tensor:
+        """Cached layer `layer` of `buf`: a static cache's view made once (_views), else indexed now."""
+        return views[layer] if views is not None else buf[layer]
+
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
@@ -106,14 +110,14 @@ class KVCache:
     def update_latent(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         """new (B, T, W) -> all cached latents (B, S, W) of this layer, including the new ones."""
         layer -= self.first_layer
-        cache = self._latent[layer] if self.static else self.latent[layer]  # see _views
+        cache = self._layer(self.latent, self._latent, layer)
         cache[self.rows, self.positions] = new.to(cache.dtype)
         return cache[:, : self.span]
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H, T, D) -> cached (B, H, S, D) each."""
         layer -= self.first_layer
-        kc, vc = (self._k[layer], self._v[layer]) if self.static else (self.k[layer], self.v[layer])  # see _views
+        kc, vc = self._layer(self.k, self._k, layer), self._layer(self.v, self._v, layer)
         kc[self.rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)  # (B, T, H, D) into slots (rows, positions)
         vc[self.rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
         return kc[:, :, : self.span], vc[:, :, : self.span]
